@@ -1,0 +1,1 @@
+"""tandem: cluster (see ARCHITECTURE.md). Built in a later issue."""

@@ -1,0 +1,1 @@
+"""tandem: decode_worker (see ARCHITECTURE.md). Built in a later issue."""

@@ -1,0 +1,266 @@
+"""One model instance: requests in, tokens out, one step at a time.
+
+    step():  schedule() ──▶ execute(batch) ──▶ update(batch, sampled)
+
+The scheduler decides who runs (and never touches tensors); the model runner
+turns its decision into tensors (and decides nothing); update() appends the
+sampled tokens, detokenizes, applies the stop conditions and frees finished
+requests. KV export/import for handoff and migration sit beside the loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+
+import torch
+
+from engine import envs
+from engine.attention import get_backend
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequestError, KVImportError
+from engine.kv.cache_manager import KVCacheManager
+from engine.kv.kv_cache import KVBlockMeta, PagedKVCache, check_import, kv_checksum
+from engine.model_runner import ModelRunner
+from engine.models.loader import load_model, read_model_config
+from engine.models.source import resolve_model
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.tokenizer import load_tokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._init_threads()
+        self._init_model()
+        self._init_kv_cache()
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._aborted: list[RequestOutput] = []
+        self._next_id = itertools.count()
+
+    def _init_threads(self) -> None:
+        torch.set_num_threads(self.config.num_threads or envs.num_threads() or os.cpu_count() or 1)
+
+    def _init_model(self) -> None:
+        self.source = resolve_model(self.config.model)
+        self.model_id = self.source.model_id
+        self.model_config: ModelConfig = read_model_config(self.source)
+        cfg = self.model_config
+        # Sliding-window attention is not implemented, so the context is capped at the
+        # window: within it, full attention is exactly what the model computes.
+        limits = [self.config.max_model_len or cfg.max_position_embeddings, cfg.sliding_window]
+        self.max_model_len = min(x for x in limits if x)
+        self.model = load_model(self.source, self.config.torch_dtype, self.max_model_len)
+        self.tokenizer = load_tokenizer(self.source)
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+    def _init_kv_cache(self) -> None:
+        cfg, ecfg = self.model_config, self.config
+        backend_cls = get_backend(ecfg.attention_backend)
+        self.backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        bytes_per_block = (
+            cfg.num_layers * 2 * ecfg.block_size * cfg.num_kv_heads * cfg.head_dim
+            * ecfg.torch_dtype.itemsize
+        )
+        num_blocks = ecfg.num_blocks or max(1, ecfg.kv_cache_memory_bytes // bytes_per_block)
+        shape = backend_cls.kv_cache_shape(num_blocks, ecfg.block_size, cfg.num_kv_heads, cfg.head_dim)
+        layers = [torch.zeros(shape, dtype=ecfg.torch_dtype) for _ in range(cfg.num_layers)]
+        self.kv_cache = PagedKVCache(layers, ecfg.block_size)
+        self.kv = KVCacheManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, self.backend, self.kv_cache)
+
+    # ---- requests in -------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams) -> str:
+        """Queues a request; returns its engine-internal id."""
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        request = self._new_request(prompt_ids, params)
+        self.scheduler.add(request)
+        return request.request_id
+
+    def _new_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        self._validate(prompt_ids, params)
+        request = Request(
+            request_id=str(next(self._next_id)),
+            prompt_token_ids=prompt_ids,
+            params=params,
+            max_tokens=min(params.max_tokens, self.max_model_len - len(prompt_ids)),
+            eos_token_ids=self.eos_token_ids,
+        )
+        self.requests[request.request_id] = request
+        self._detokenizers[request.request_id] = IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, params.stop
+        )
+        return request
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty; send at least one token")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                f"{self.max_model_len}, so it must be at most {self.max_model_len - 1}"
+            )
+        params.check_vocab(vocab)
+        needed = self.kv.blocks_for(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+        if needed > self.kv.pool.num_blocks:
+            raise InvalidRequestError(
+                f"prompt plus max_tokens needs {needed} KV blocks, the cache has "
+                f"{self.kv.pool.num_blocks}; lower max_tokens or enlarge the KV cache"
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        """Ends a request in any state; its blocks are freed at once. Unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self._aborted.append(self._output(request, [], finished=True))
+        del self._detokenizers[request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._aborted)
+
+    # ---- the step loop -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        outputs, self._aborted = self._aborted, []
+        if batch.is_empty:
+            return outputs
+        logits = self.runner.execute(batch)
+        sampled = self.sampler(logits, [self.requests[s.request_id] for s in batch.scheduled if s.sample])
+        return outputs + self._update(batch, sampled)
+
+    def _update(self, batch: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
+        outputs = []
+        new_tokens = iter(sampled)
+        for item in batch.scheduled:
+            request = self.requests[item.request_id]
+            request.num_computed_tokens += len(item.token_ids)
+            self.kv.cache_computed_blocks(request)
+            if not item.sample:
+                continue
+            token_id = next(new_tokens)
+            request.append_token(token_id)
+            status, stop_reason = self._check_stop(request, token_id)
+            outputs.append(self._finish_or_report(request, [token_id], status, stop_reason))
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> tuple[RequestStatus | None, str | int | None]:
+        params = request.params
+        if token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token_id
+        if token_id in request.eos_token_ids and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED, None
+        detokenizer = self._detokenizers[request.request_id]
+        detokenizer.add(token_id)
+        if detokenizer.stopped_by is not None:
+            return RequestStatus.FINISHED_STOPPED, detokenizer.stopped_by
+        if request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def _finish_or_report(
+        self, request: Request, new_ids: list[int], status: RequestStatus | None, stop_reason: str | int | None
+    ) -> RequestOutput:
+        if status is None:
+            return self._output(request, new_ids, finished=False)
+        self._detokenizers[request.request_id].flush()
+        self.scheduler.finish(request, status)
+        output = self._output(request, new_ids, finished=True, stop_reason=stop_reason)
+        del self.requests[request.request_id], self._detokenizers[request.request_id]
+        return output
+
+    def _output(
+        self, request: Request, new_ids: list[int], finished: bool, stop_reason: str | int | None = None
+    ) -> RequestOutput:
+        detokenizer = self._detokenizers[request.request_id]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=request.output_token_ids,
+            text=detokenizer.text,
+            finished=finished,
+            finish_reason=request.status.finish_reason if finished else None,
+            stop_reason=stop_reason,
+            new_token_ids=new_ids,
+            new_text=detokenizer.emittable(finished),
+            logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    # ---- KV export and import (handoff, migration) ----------------------------------------
+
+    def _layout(self, num_tokens: int, block_ids: list[int], checksum: int) -> KVBlockMeta:
+        cfg = self.model_config
+        return KVBlockMeta(
+            model_id=self.model_id,
+            dtype=self.config.dtype,
+            block_size=self.config.block_size,
+            num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            num_tokens=num_tokens,
+            block_ids=block_ids,
+            checksum=checksum,
+        )
+
+    def export_kv(self, request_id: str) -> tuple[KVBlockMeta, torch.Tensor]:
+        """The computed blocks of a running request, with their metadata."""
+        request = self.requests[request_id]
+        num_tokens = request.num_computed_tokens
+        block_ids = request.block_ids[: self.kv.blocks_for(num_tokens)]
+        data = self.kv_cache.read_blocks(block_ids)
+        return self._layout(num_tokens, block_ids, kv_checksum(data, num_tokens)), data
+
+    def import_request(
+        self,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
+        params: SamplingParams,
+        meta: KVBlockMeta,
+        data: torch.Tensor,
+    ) -> str:
+        """Adds a request whose KV (all tokens but the last) was computed elsewhere.
+
+        It joins the running batch and decodes from the next step on.
+        """
+        if not output_token_ids:
+            raise KVImportError("an imported request needs its first output token")
+        check_import(meta, self._layout(meta.num_tokens, meta.block_ids, meta.checksum), data)
+        request = self._new_request(list(prompt_token_ids), params)
+        for token_id in output_token_ids:
+            request.append_token(token_id)
+            self._detokenizers[request.request_id].add(token_id)
+        if meta.num_tokens != request.num_tokens - 1:
+            self._drop(request)
+            raise KVImportError(f"KV holds {meta.num_tokens} tokens, the request {request.num_tokens - 1}")
+        if not self.scheduler.adopt(request, meta.num_tokens):
+            self._drop(request)
+            raise KVImportError(f"no room: {len(meta.block_ids)} blocks asked, {self.kv.pool.num_free_blocks} free")
+        self.kv_cache.write_blocks(request.block_ids, data)
+        self.kv.cache_computed_blocks(request)
+        return request.request_id
+
+    def _drop(self, request: Request) -> None:
+        del self.requests[request.request_id], self._detokenizers[request.request_id]
+
+    def check_invariants(self) -> None:
+        self.scheduler.check_invariants()

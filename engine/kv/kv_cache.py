@@ -1,0 +1,80 @@
+"""The KV cache tensors, and a request's blocks exported and imported as data.
+
+An export is a KVBlockMeta (plain fields, serialisable as a dict for msgpack or
+protobuf; never pickle) plus one tensor [num_layers, num_blocks, 2, BS, KVH, D]
+of the blocks in the request's order. The checksum covers only the filled
+slots, so garbage in the unused tail of the last block does not matter.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from engine.errors import KVImportError
+
+
+@dataclass(frozen=True)
+class KVBlockMeta:
+    model_id: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_tokens: int
+    block_ids: list[int]  # on the exporting side
+    checksum: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KVBlockMeta:
+        return cls(**data)
+
+
+class PagedKVCache:
+    """One tensor per layer, in the attention backend's layout."""
+
+    def __init__(self, layers: list[torch.Tensor], block_size: int) -> None:
+        self.layers = layers  # each [NB, 2, BS, KVH, D]
+        self.block_size = block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layers[0].shape[0]
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        return torch.stack([layer[index] for layer in self.layers])  # [L, n, 2, BS, KVH, D]
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        for layer, layer_data in zip(self.layers, data):
+            layer.index_copy_(0, index, layer_data.to(layer.dtype))
+
+
+def kv_checksum(data: torch.Tensor, num_tokens: int) -> int:
+    """CRC-32 of the filled slots of exported blocks [L, n, 2, BS, KVH, D]."""
+    num_layers, num_blocks, _, block_size = data.shape[:4]
+    flat = data.transpose(1, 2).reshape(num_layers, 2, num_blocks * block_size, -1)
+    filled = flat[:, :, :num_tokens].contiguous()
+    return zlib.crc32(filled.view(torch.uint8).numpy().data)
+
+
+def check_import(meta: KVBlockMeta, expected: KVBlockMeta, data: torch.Tensor) -> None:
+    """Raises KVImportError unless `data` matches this engine's layout and the checksum."""
+    for name in ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim"):
+        if getattr(meta, name) != getattr(expected, name):
+            raise KVImportError(
+                f"KV blocks have {name}={getattr(meta, name)!r}, this engine {getattr(expected, name)!r}"
+            )
+    num_blocks = -(-meta.num_tokens // meta.block_size)
+    if data.shape[1] != num_blocks or len(meta.block_ids) != num_blocks:
+        raise KVImportError(f"{meta.num_tokens} tokens need {num_blocks} blocks, got {data.shape[1]}")
+    if kv_checksum(data, meta.num_tokens) != meta.checksum:
+        raise KVImportError("KV blocks failed their checksum: the transfer corrupted them")

@@ -1,0 +1,133 @@
+"""Reading a GGUF file: metadata into ModelConfig, tensors (dequantized) into HF names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from engine.config import ModelConfig, RopeScaling
+from engine.errors import UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+_GLOBAL_NAMES = {
+    "token_embd": "embed_tokens",
+    "output_norm": "norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+class GGUFModel:
+    """An open GGUF file. The reader memory-maps it; tensors dequantize on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reader = GGUFReader(str(path))
+        self.architecture = str(self._field("general.architecture"))
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"GGUF architecture {self.architecture!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        names = {t.name for t in self.reader.tensors}
+        if "rope_freqs.weight" in names:
+            raise UnsupportedModelError(
+                "GGUF files with baked rope_freqs (llama3-style RoPE scaling) are not supported; "
+                "use the Hugging Face safetensors directory of this model instead"
+            )
+        self._has_output = "output.weight" in names
+
+    def _field(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def config(self) -> ModelConfig:
+        arch = self.architecture
+        num_heads = int(self._field(f"{arch}.attention.head_count"))
+        hidden = int(self._field(f"{arch}.embedding_length"))
+        vocab = self._field(f"{arch}.vocab_size") or len(self._field("tokenizer.ggml.tokens"))
+        eos = self._field("tokenizer.ggml.eos_token_id")
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(self._field(f"{arch}.feed_forward_length")),
+            num_layers=int(self._field(f"{arch}.block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(self._field(f"{arch}.attention.head_count_kv", num_heads)),
+            head_dim=int(self._field(f"{arch}.attention.key_length", hidden // num_heads)),
+            rms_norm_eps=float(self._field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(self._field(f"{arch}.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(self._field(f"{arch}.context_length", 4096)),
+            tie_word_embeddings=not self._has_output,
+            attention_bias=arch == "qwen2",
+            rope_scaling=self._rope_scaling(),
+            bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (int(eos),),
+        )
+
+    def _rope_scaling(self) -> RopeScaling:
+        arch = self.architecture
+        kind = self._field(f"{arch}.rope.scaling.type", "none")
+        if kind in ("none", None):
+            return RopeScaling()
+        if kind not in ("linear", "yarn"):
+            raise UnsupportedModelError(f"GGUF RoPE scaling {kind!r} is not supported")
+        return RopeScaling(
+            kind=str(kind),
+            factor=float(self._field(f"{arch}.rope.scaling.factor", 1.0)),
+            original_max_position_embeddings=int(
+                self._field(f"{arch}.rope.scaling.original_context_length", 4096)
+            ),
+        )
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (Hugging Face name, float32 tensor), q/k un-permuted for llama."""
+        cfg = self.config()
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            tensor = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+            if self.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+                tensor = _unpermute_rope_rows(tensor, heads)
+            yield name, tensor
+
+
+def _hf_name(gguf_name: str) -> str:
+    match = _LAYER_RE.fullmatch(gguf_name)
+    if match:
+        layer, part, kind = match.groups()
+        if part not in _LAYER_NAMES:
+            raise UnsupportedModelError(f"unexpected GGUF tensor {gguf_name!r}")
+        return f"layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    base, _, kind = gguf_name.rpartition(".")
+    if base not in _GLOBAL_NAMES:
+        raise UnsupportedModelError(f"unexpected GGUF tensor {gguf_name!r}")
+    return f"{_GLOBAL_NAMES[base]}.{kind}"
+
+
+def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # llama.cpp stores q/k rows of each head as interleaved (even, odd) pairs;
+    # the Hugging Face layout keeps the two rotary halves apart.
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,85 @@
+"""Builds a LlamaForCausalLM from a ModelSource, in the engine's dtype.
+
+Both formats are first read as Hugging Face names; `_copy_weights` then packs
+q/k/v and gate/up into the fused projections the model uses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import UnsupportedModelError
+from engine.models.gguf_format import GGUFModel
+from engine.models.hf_format import iter_hf_tensors, read_hf_config
+from engine.models.llama import LlamaForCausalLM
+from engine.models.source import ModelSource
+
+_FUSED = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|gate|up)_proj\.(weight|bias)")
+_QKV_ORDER = {"q": 0, "k": 1, "v": 2}
+_GATE_UP_ORDER = {"gate": 0, "up": 1}
+
+
+def read_model_config(source: ModelSource) -> ModelConfig:
+    if source.kind == "gguf":
+        return GGUFModel(source.path).config()
+    return read_hf_config(source.path)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int) -> LlamaForCausalLM:
+    if source.kind == "gguf":
+        gguf = GGUFModel(source.path)
+        cfg, tensors = gguf.config(), gguf.tensors()
+    else:
+        cfg, tensors = read_hf_config(source.path), iter_hf_tensors(source.path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope.build_tables()
+    _copy_weights(model, tensors, dtype)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def _copy_weights(
+    model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype
+) -> None:
+    params = dict(model.named_parameters())
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    loaded: set[str] = set()
+    for name, tensor in tensors:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        match = _FUSED.fullmatch(name)
+        if match:
+            layer, block, part, kind = match.groups()
+            fused = "qkv_proj" if block == "self_attn" else "gate_up_proj"
+            target = f"layers.{layer}.{block}.{fused}.{kind}"
+            order = _QKV_ORDER if block == "self_attn" else _GATE_UP_ORDER
+            pending.setdefault(target, {})[order[part]] = tensor
+            if len(pending[target]) == len(order):
+                parts = pending.pop(target)
+                _assign(params, target, torch.cat([parts[i] for i in range(len(order))]), dtype)
+                loaded.add(target)
+            continue
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        _assign(params, name, tensor, dtype)
+        loaded.add(name)
+    missing = set(params) - loaded - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    if missing or pending:
+        raise UnsupportedModelError(f"the checkpoint lacks weights: {sorted(missing | set(pending))[:5]}")
+
+
+def _assign(params: dict[str, torch.nn.Parameter], name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    if name not in params:
+        raise UnsupportedModelError(f"unexpected weight {name!r} in the checkpoint")
+    param = params[name]
+    if param.shape != tensor.shape:
+        raise UnsupportedModelError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor.to(dtype))

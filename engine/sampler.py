@@ -1,0 +1,111 @@
+"""Turns one step's logits into one token per request.
+
+Order of operations for each row (OpenAI's semantics):
+  1. logprobs, if asked, from the raw distribution;
+  2. logit_bias, then presence/frequency penalties over the generated tokens;
+  3. greedy rows take the argmax; the others divide by temperature, keep the
+     top_k, keep the top_p nucleus and draw. A seeded request draws from its own
+     generator, so its samples do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from engine.request import Request, TokenLogprobs
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self._generator = torch.Generator().manual_seed(seed)  # for unseeded requests
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        """logits: [N, V] float32, row i for requests[i]. Appends logprobs to the requests."""
+        raw_logprobs = _raw_logprobs(logits, requests)
+        logits = self._apply_biases(logits, requests)
+        token_ids = logits.argmax(dim=-1)  # [N]
+        sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows)
+            token_ids[rows] = self._sample(logits[rows], [requests[i] for i in sampled_rows])
+        ids = token_ids.tolist()
+        _attach_logprobs(raw_logprobs, ids, requests)
+        return ids
+
+    def _apply_biases(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(requests) if _has_bias(r)]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            params = requests[i].params
+            for token_id, bias in params.logit_bias.items():
+                logits[i, token_id] += bias
+            counts = Counter(requests[i].output_token_ids)
+            if counts and (params.presence_penalty or params.frequency_penalty):
+                ids = torch.tensor(list(counts.keys()))
+                freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
+                logits[i, ids] -= params.frequency_penalty * freq + params.presence_penalty
+        return logits
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        # logits: [S, V] -> token ids [S]
+        temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
+        logits = logits / temps[:, None]
+        logits = _top_k_top_p(logits, requests)
+        probs = logits.softmax(dim=-1)
+        # Exponential race: argmax(p / q) with q ~ Exp(1) draws from p.
+        noise = torch.empty_like(probs)
+        for i, request in enumerate(requests):
+            noise[i].exponential_(generator=request.generator or self._generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _raw_logprobs(logits: torch.Tensor, requests: list[Request]) -> dict[int, torch.Tensor]:
+    """Row index -> log-probabilities [V] of the unmodified distribution, for rows that ask."""
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if not rows:
+        return {}
+    return dict(zip(rows, logits[rows].log_softmax(dim=-1)))
+
+
+def _attach_logprobs(
+    raw: dict[int, torch.Tensor], token_ids: list[int], requests: list[Request]
+) -> None:
+    for i, row in raw.items():
+        num_top = requests[i].params.logprobs or 0
+        chosen = row[token_ids[i]]
+        top_values, top_ids = row.topk(num_top)
+        requests[i].logprobs.append(
+            TokenLogprobs(
+                token_id=token_ids[i],
+                logprob=float(chosen),
+                rank=int((row > chosen).sum()) + 1,
+                top=tuple(zip(top_ids.tolist(), top_values.tolist())),
+            )
+        )
+
+
+def _has_bias(request: Request) -> bool:
+    p = request.params
+    return bool(p.logit_bias) or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    top_ks = [r.params.top_k for r in requests]
+    top_ps = [r.params.top_p for r in requests]
+    if not any(top_ks) and all(p >= 1.0 for p in top_ps):
+        return logits
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V]
+    k = torch.tensor([k if k > 0 else vocab for k in top_ks])
+    ranks = torch.arange(vocab)[None, :]
+    drop = ranks >= k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= torch.tensor(top_ps, dtype=logits.dtype)[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

@@ -1,0 +1,1 @@
+"""tandem: prefill_worker (see ARCHITECTURE.md). Built in a later issue."""

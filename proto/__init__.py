@@ -1,0 +1,1 @@
+"""tandem: proto (see ARCHITECTURE.md). Built in a later issue."""

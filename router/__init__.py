@@ -1,0 +1,1 @@
+"""tandem: router (see ARCHITECTURE.md). Built in a later issue."""
