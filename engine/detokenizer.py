@@ -19,7 +19,10 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded with the first output tokens, for s
 
 class IncrementalDetokenizer:
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], stop: tuple[str, ...] = ()
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: list[int],
+        stop: tuple[str, ...] = (),
     ) -> None:
         self._tokenizer = tokenizer
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
@@ -51,8 +54,8 @@ class IncrementalDetokenizer:
 
     def emittable(self, finished: bool) -> str:
         """Text not yet emitted that can no longer become part of a stop string."""
-        end = len(self.text) if finished or self.stopped_by else len(self.text) - self._max_stop_len + 1
-        end = max(end, self._num_emitted)
+        hold_back = 0 if finished or self.stopped_by else max(self._max_stop_len - 1, 0)
+        end = max(len(self.text) - hold_back, self._num_emitted)
         new = self.text[self._num_emitted : end]
         self._num_emitted = end
         return new
@@ -69,4 +72,4 @@ class IncrementalDetokenizer:
             self.stopped_by = stop
 
     def _decode(self, start: int, end: int) -> str:
-        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True)
+        return str(self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True))

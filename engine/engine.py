@@ -71,11 +71,17 @@ class LLMEngine:
         backend_cls = get_backend(ecfg.attention_backend)
         self.backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         bytes_per_block = (
-            cfg.num_layers * 2 * ecfg.block_size * cfg.num_kv_heads * cfg.head_dim
+            cfg.num_layers
+            * 2
+            * ecfg.block_size
+            * cfg.num_kv_heads
+            * cfg.head_dim
             * ecfg.torch_dtype.itemsize
         )
         num_blocks = ecfg.num_blocks or max(1, ecfg.kv_cache_memory_bytes // bytes_per_block)
-        shape = backend_cls.kv_cache_shape(num_blocks, ecfg.block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = backend_cls.kv_cache_shape(
+            num_blocks, ecfg.block_size, cfg.num_kv_heads, cfg.head_dim
+        )
         layers = [torch.zeros(shape, dtype=ecfg.torch_dtype) for _ in range(cfg.num_layers)]
         self.kv_cache = PagedKVCache(layers, ecfg.block_size)
         self.kv = KVCacheManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
@@ -96,7 +102,6 @@ class LLMEngine:
             request_id=str(next(self._next_id)),
             prompt_token_ids=prompt_ids,
             params=params,
-            max_tokens=min(params.max_tokens, self.max_model_len - len(prompt_ids)),
             eos_token_ids=self.eos_token_ids,
         )
         self.requests[request.request_id] = request
@@ -111,14 +116,23 @@ class LLMEngine:
             raise InvalidRequestError("the prompt is empty; send at least one token")
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise InvalidRequestError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+            )
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is "
                 f"{self.max_model_len}, so it must be at most {self.max_model_len - 1}"
             )
         params.check_vocab(vocab)
-        needed = self.kv.blocks_for(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+        room = self.max_model_len - len(prompt_ids)
+        if params.max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens={params.max_tokens} exceeds the room left in the context: the prompt "
+                f"has {len(prompt_ids)} of {self.max_model_len} tokens, so at most {room} "
+                "can follow"
+            )
+        needed = self.kv.blocks_for(len(prompt_ids) + params.max_tokens)
         if needed > self.kv.pool.num_blocks:
             raise InvalidRequestError(
                 f"prompt plus max_tokens needs {needed} KV blocks, the cache has "
@@ -145,7 +159,9 @@ class LLMEngine:
         if batch.is_empty:
             return outputs
         logits = self.runner.execute(batch)
-        sampled = self.sampler(logits, [self.requests[s.request_id] for s in batch.scheduled if s.sample])
+        sampled = self.sampler(
+            logits, [self.requests[s.request_id] for s in batch.scheduled if s.sample]
+        )
         return outputs + self._update(batch, sampled)
 
     def _update(self, batch: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
@@ -163,7 +179,9 @@ class LLMEngine:
             outputs.append(self._finish_or_report(request, [token_id], status, stop_reason))
         return outputs
 
-    def _check_stop(self, request: Request, token_id: int) -> tuple[RequestStatus | None, str | int | None]:
+    def _check_stop(
+        self, request: Request, token_id: int
+    ) -> tuple[RequestStatus | None, str | int | None]:
         params = request.params
         if token_id in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED, token_id
@@ -173,12 +191,16 @@ class LLMEngine:
         detokenizer.add(token_id)
         if detokenizer.stopped_by is not None:
             return RequestStatus.FINISHED_STOPPED, detokenizer.stopped_by
-        if request.num_output_tokens >= request.max_tokens:
+        if request.num_output_tokens >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 
     def _finish_or_report(
-        self, request: Request, new_ids: list[int], status: RequestStatus | None, stop_reason: str | int | None
+        self,
+        request: Request,
+        new_ids: list[int],
+        status: RequestStatus | None,
+        stop_reason: str | int | None,
     ) -> RequestOutput:
         if status is None:
             return self._output(request, new_ids, finished=False)
@@ -189,7 +211,11 @@ class LLMEngine:
         return output
 
     def _output(
-        self, request: Request, new_ids: list[int], finished: bool, stop_reason: str | int | None = None
+        self,
+        request: Request,
+        new_ids: list[int],
+        finished: bool,
+        stop_reason: str | int | None = None,
     ) -> RequestOutput:
         detokenizer = self._detokenizers[request.request_id]
         return RequestOutput(
@@ -251,10 +277,14 @@ class LLMEngine:
             self._detokenizers[request.request_id].add(token_id)
         if meta.num_tokens != request.num_tokens - 1:
             self._drop(request)
-            raise KVImportError(f"KV holds {meta.num_tokens} tokens, the request {request.num_tokens - 1}")
+            raise KVImportError(
+                f"KV holds {meta.num_tokens} tokens, the request {request.num_tokens - 1}"
+            )
         if not self.scheduler.adopt(request, meta.num_tokens):
             self._drop(request)
-            raise KVImportError(f"no room: {len(meta.block_ids)} blocks asked, {self.kv.pool.num_free_blocks} free")
+            raise KVImportError(
+                f"no room: {len(meta.block_ids)} blocks asked, {self.kv.pool.num_free_blocks} free"
+            )
         self.kv_cache.write_blocks(request.block_ids, data)
         self.kv.cache_computed_blocks(request)
         return request.request_id

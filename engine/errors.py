@@ -15,17 +15,17 @@ class UnsupportedModelError(TandemError):
     """The model exists but its architecture or format is not supported."""
 
 
-class InvalidSamplingParamsError(TandemError, ValueError):
+class InvalidRequestError(TandemError, ValueError):
+    """A request cannot be served as given (empty prompt, too long, bad token ids)."""
+
+
+class InvalidSamplingParamsError(InvalidRequestError):
     """A sampling parameter is out of range. `field` names it."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"invalid sampling parameter {field!r}: {reason}")
         self.field = field
         self.reason = reason
-
-
-class InvalidRequestError(TandemError, ValueError):
-    """A request cannot be served as given (empty prompt, too long, bad token ids)."""
 
 
 class KVImportError(TandemError):

@@ -11,14 +11,16 @@ from engine.scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, kv_cache: PagedKVCache) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, backend: AttentionBackend, kv_cache: PagedKVCache
+    ) -> None:
         self.model = model
         self.backend = backend
         self.kv_cache = kv_cache
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Runs one step; returns logits [num_sampled, V] for the requests with `sample`, in batch order."""
+        """Runs one step; returns logits [num_sampled, V] of the `sample` requests, in order."""
         input_ids: list[int] = []
         positions: list[int] = []
         logit_rows: list[int] = []
@@ -33,6 +35,8 @@ class ModelRunner:
             block_tables=[s.block_ids for s in batch.scheduled],
             block_size=self.kv_cache.block_size,
         )
-        attention = BoundAttention(self.backend, self.kv_cache.layers, self.backend.plan(attention_batch))
+        attention = BoundAttention(
+            self.backend, self.kv_cache.layers, self.backend.plan(attention_batch)
+        )
         hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), attention)  # [T, D]
         return self.model.compute_logits(hidden[logit_rows])  # [N, V]

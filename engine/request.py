@@ -61,7 +61,6 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    max_tokens: int  # params.max_tokens capped by the room left in the model's context
     eos_token_ids: frozenset[int]
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING

@@ -41,22 +41,41 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        _require(
+            _is_int(self.max_tokens) and self.max_tokens >= 1,
+            "max_tokens",
+            "must be an integer >= 1",
+        )
         _require(0.0 <= self.temperature <= 2.0, "temperature", "must be in [0, 2]")
         _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables it)")
+        _require(
+            _is_int(self.top_k) and self.top_k >= 0,
+            "top_k",
+            "must be an integer >= 0 (0 disables it)",
+        )
         _require(self.seed is None or _is_int(self.seed), "seed", "must be an integer or None")
         for name in ("presence_penalty", "frequency_penalty"):
             _require(-2.0 <= getattr(self, name) <= 2.0, name, "must be in [-2, 2]")
         for token_id, bias in self.logit_bias.items():
-            _require(_is_int(token_id) and token_id >= 0, "logit_bias", f"key {token_id!r} is not a token id")
-            _require(-100.0 <= bias <= 100.0, "logit_bias", f"bias {bias} for token {token_id} not in [-100, 100]")
+            _require(
+                _is_int(token_id) and token_id >= 0,
+                "logit_bias",
+                f"key {token_id!r} is not a token id",
+            )
+            _require(
+                -100.0 <= bias <= 100.0,
+                "logit_bias",
+                f"bias {bias} for token {token_id} not in [-100, 100]",
+            )
         for s in self.stop:
-            _require(isinstance(s, str) and s != "", "stop", "stop strings must be non-empty strings")
+            _require(
+                isinstance(s, str) and s != "", "stop", "stop strings must be non-empty strings"
+            )
         for t in self.stop_token_ids:
             _require(_is_int(t) and t >= 0, "stop_token_ids", f"{t!r} is not a token id")
         _require(
-            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            self.logprobs is None
+            or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}]",
         )
@@ -67,9 +86,14 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids named by the params must exist in the model's vocabulary."""
-        for name, ids in (("logit_bias", self.logit_bias.keys()), ("stop_token_ids", self.stop_token_ids)):
+        for name, ids in (
+            ("logit_bias", self.logit_bias.keys()),
+            ("stop_token_ids", self.stop_token_ids),
+        ):
             bad = [t for t in ids if t >= vocab_size]
-            _require(not bad, name, f"token ids {bad[:5]} are outside the vocabulary of {vocab_size}")
+            _require(
+                not bad, name, f"token ids {bad[:5]} are outside the vocabulary of {vocab_size}"
+            )
 
 
 def _is_int(value: object) -> bool:

@@ -56,6 +56,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in priority order: earliest admitted first
+        self.num_preemptions = 0
 
     @property
     def num_unfinished(self) -> int:
@@ -66,7 +67,9 @@ class Scheduler:
 
     def adopt(self, request: Request, num_computed_tokens: int) -> bool:
         """Runs a request whose first tokens were computed elsewhere; False if there is no room."""
-        if len(self.running) >= self.max_num_seqs or not self.kv.allocate(request, num_computed_tokens):
+        if len(self.running) >= self.max_num_seqs or not self.kv.allocate(
+            request, num_computed_tokens
+        ):
             return False
         request.num_computed_tokens = num_computed_tokens
         request.status = RequestStatus.RUNNING
@@ -137,6 +140,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     @staticmethod
@@ -163,7 +167,9 @@ class Scheduler:
                 )
         for r in self.waiting:
             if r.block_ids or r.status != RequestStatus.WAITING:
-                raise InvariantError(f"waiting request {r.request_id} holds blocks or is {r.status.name}")
+                raise InvariantError(
+                    f"waiting request {r.request_id} holds blocks or is {r.status.name}"
+                )
         for r in self.running:
             if len(r.block_ids) < self.kv.blocks_for(r.num_computed_tokens):
                 raise InvariantError(f"request {r.request_id} computed tokens beyond its blocks")

@@ -7,6 +7,7 @@ tokenizer is saved under TANDEM_CACHE_DIR keyed by the model's identity.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -27,14 +28,14 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(cached))
     logging.getLogger(__name__).info("converting the GGUF tokenizer of %s (once)", source.name)
     tokenizer = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache only costs the conversion next time
         tokenizer.save_pretrained(str(cached))
-    except OSError:
-        pass  # a read-only cache only costs the conversion next time
     return tokenizer
 
 
-def apply_chat_template(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> list[int]:
+def apply_chat_template(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation
+) -> list[int]:
     """Token ids of the conversation, ready for the assistant's reply."""
     if not conversation:
         raise InvalidRequestError("messages must not be empty")

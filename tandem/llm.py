@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
@@ -11,7 +11,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Conversation, apply_chat_template
 
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 
 
 class LLM:
@@ -73,9 +73,12 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Applies the model's chat template to each conversation, then generates."""
+        batch: list[Conversation]
         if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
-        prompts = [apply_chat_template(self.engine.tokenizer, list(c)) for c in conversations]  # type: ignore[arg-type]
+            batch = [list(conversations)]  # type: ignore[arg-type]
+        else:
+            batch = [list(c) for c in conversations]  # type: ignore[arg-type]
+        prompts: list[Prompt] = [apply_chat_template(self.engine.tokenizer, c) for c in batch]
         return self.generate(prompts, params)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
@@ -91,18 +94,22 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # type: ignore[list-item]
-    return prompts  # type: ignore[return-value]
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]  # type: ignore[list-item]
+    return items  # type: ignore[return-value]
 
 
-def _as_param_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+def _as_param_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     params = list(params)
     if len(params) != n:
-        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt")
+        raise ValueError(
+            f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt"
+        )
     return params

@@ -10,7 +10,9 @@ _BACKENDS: dict[str, type[AttentionBackend]] = {TorchAttention.name: TorchAttent
 
 def get_backend(name: str) -> type[AttentionBackend]:
     if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: {', '.join(sorted(_BACKENDS))}"
+        )
     return _BACKENDS[name]
 
 

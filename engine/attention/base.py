@@ -8,12 +8,12 @@ KV layout (FlashInfer's "NHD" paged layout), one tensor per layer:
 A step's batch is described in CSR form, as FlashInfer's `plan()` takes it.
 For request i of the batch (half-open ranges):
 
-    | array              | entries [i, i+1) or [i]              | meaning                        |
-    |--------------------|--------------------------------------|--------------------------------|
-    | qo_indptr          | [qo_indptr[i], qo_indptr[i+1])       | its new tokens in the flat batch |
-    | kv_indptr          | [kv_indptr[i], kv_indptr[i+1])       | its block ids within kv_indices  |
-    | kv_last_page_len   | [i]                                  | tokens in its last block (1..BS) |
-    | context_lens       | [i]                                  | cached + new tokens               |
+    | array            | range for request i              | meaning                          |
+    |------------------|----------------------------------|----------------------------------|
+    | qo_indptr        | [qo_indptr[i], qo_indptr[i+1])   | its new tokens in the flat batch |
+    | kv_indptr        | [kv_indptr[i], kv_indptr[i+1])   | its block ids within kv_indices  |
+    | kv_last_page_len | [i]                              | tokens in its last block (1..BS) |
+    | context_lens     | [i]                              | cached + new tokens              |
 
 `slot_mapping[t]` is where token t's key/value go: block_id * block_size + offset.
 
@@ -57,7 +57,10 @@ class PagedIndices:
 
 def build_paged_indices(batch: AttentionBatch) -> PagedIndices:
     bs = batch.block_size
-    qo_indptr, kv_indptr, kv_indices, last_lens, slots = [0], [0], [], [], []
+    qo_indptr, kv_indptr = [0], [0]
+    kv_indices: list[int] = []
+    last_lens: list[int] = []
+    slots: list[int] = []
     for q_len, ctx_len, table in zip(batch.query_lens, batch.context_lens, batch.block_tables):
         num_blocks = (ctx_len + bs - 1) // bs
         qo_indptr.append(qo_indptr[-1] + q_len)
@@ -114,5 +117,7 @@ class BoundAttention:
         self.kv_caches = kv_caches
         self.plan = plan
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         return self.backend.forward(q, k, v, self.kv_caches[layer_idx], self.plan)

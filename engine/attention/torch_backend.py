@@ -72,7 +72,12 @@ class TorchAttention(AttentionBackend):
         )
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, plan: TorchPlan
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        plan: TorchPlan,
     ) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [NB, 2, BS, KVH, D]
         rows = kv_cache.view(-1, self.num_kv_heads, self.head_dim)  # [NB*2*BS, KVH, D]
@@ -86,19 +91,28 @@ class TorchAttention(AttentionBackend):
             out[chunk.start : end] = self._chunk(q[chunk.start : end], k, v, kv_cache, chunk)
         return out
 
-    def _single_tokens(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
-        num_seqs, max_blocks = plan.single_tables.shape
+    def _single_tokens(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, plan: TorchPlan
+    ) -> torch.Tensor:
+        num_seqs = plan.single_tables.shape[0]
         qs = q[plan.single_token_ids].unsqueeze(2)  # [S, H, 1, D]
         keys = kv_cache[:, 0][plan.single_tables]  # [S, MB, BS, KVH, D]
         values = kv_cache[:, 1][plan.single_tables]
         length = keys.shape[1] * keys.shape[2]
         keys = keys.view(num_seqs, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         values = values.view(num_seqs, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=plan.single_mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            qs, keys, values, attn_mask=plan.single_mask, enable_gqa=True
+        )
         return out.squeeze(2)  # [S, H, D]
 
     def _chunk(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, chunk: _Chunk
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        chunk: _Chunk,
     ) -> torch.Tensor:
         qs = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if chunk.mask is None:  # no earlier context: the new keys are the whole context
@@ -111,7 +125,9 @@ class TorchAttention(AttentionBackend):
             values = kv_cache[chunk.block_ids, 1].reshape(-1, self.num_kv_heads, self.head_dim)
             keys = keys[: chunk.context_len].transpose(0, 1).unsqueeze(0)  # [1, KVH, C, D]
             values = values[: chunk.context_len].transpose(0, 1).unsqueeze(0)
-            out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=chunk.mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                qs, keys, values, attn_mask=chunk.mask, enable_gqa=True
+            )
         return out.squeeze(0).transpose(0, 1)  # [n, H, D]
 
 

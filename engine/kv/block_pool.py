@@ -71,7 +71,7 @@ class BlockPool:
             self._ref_counts[block_id] += 1
 
     def release(self, block_ids: Iterable[int]) -> None:
-        """Drops one reference from each block; order matters: the first released is evicted first."""
+        """Drops one reference from each block. The first released is the first evicted."""
         for block_id in block_ids:
             if self._ref_counts[block_id] <= 0:
                 raise RuntimeError(f"block {block_id} released while not in use")
@@ -115,13 +115,19 @@ class BlockPool:
             ref, block_hash = self._ref_counts[block_id], self._hash_of[block_id]
             _check(ref >= 0, f"block {block_id} has ref_count {ref}")
             if ref > 0:
-                _check(block_id not in free and block_id not in evictable, f"used block {block_id} is on a free list")
+                _check(
+                    block_id not in free and block_id not in evictable,
+                    f"used block {block_id} is on a free list",
+                )
             elif block_hash is None:
                 _check(block_id in free, f"free block {block_id} is on no free list")
             else:
                 _check(block_id in evictable, f"cached free block {block_id} is not evictable")
             if block_hash is not None:
-                _check(self._cached.get(block_hash) == block_id, f"hash of block {block_id} not indexed")
+                _check(
+                    self._cached.get(block_hash) == block_id,
+                    f"hash of block {block_id} not indexed",
+                )
         _check(len(self._cached) == sum(h is not None for h in self._hash_of), "stale hash index")
 
 

