@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from engine.request import RequestStatus
 from tandem import LLM, InvalidRequestError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
@@ -59,8 +60,9 @@ def test_stop_token_id_ends_generation(llm):
         "Count: one, two, three,",
         SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_id]),
     )
+    first = full.token_ids.index(stop_id)  # generation ends at its first occurrence
     assert (
-        out.token_ids == full.token_ids[:4]
+        out.token_ids == full.token_ids[: first + 1]
         and out.finish_reason == "stop"
         and out.stop_reason == stop_id
     )
@@ -135,19 +137,16 @@ def test_frequency_penalty_reduces_repetition(llm):
 
 def test_abort_in_every_phase_frees_all_blocks(llm):
     engine = llm.engine
-    long_prompt = llm.tokenizer.encode("word " * 900)
-    waiting = engine.add_request(long_prompt, GREEDY)
-    prefilling = engine.add_request(long_prompt[:600], GREEDY)
-    engine.step()  # budget 256: `waiting` gets its first chunk; the other still waits
     decoding = engine.add_request("Hi", GREEDY)
-    for _ in range(6):
+    while not engine.requests[decoding].output_token_ids:
         engine.step()
-    engine.check_invariants()
+    prefilling = engine.add_request(list(range(1000, 2500)), GREEDY)
+    engine.step()  # one 255-token chunk of 1,500 (the decode takes 1 of the 256 budget)
+    waiting = engine.add_request(list(range(3000, 4500)), GREEDY)
+    assert engine.requests[decoding].num_output_tokens >= 1
+    assert 0 < engine.requests[prefilling].num_computed_tokens < 1500
+    assert engine.requests[waiting].status == RequestStatus.WAITING
     assert engine.kv.pool.num_used_blocks > 0
-    states = {
-        rid: engine.requests[rid].num_computed_tokens for rid in (waiting, prefilling, decoding)
-    }
-    assert 0 < states[waiting] < len(long_prompt)  # mid-prefill
     for rid in (waiting, prefilling, decoding):
         engine.abort_request(rid)
         engine.check_invariants()

@@ -72,9 +72,14 @@ def test_family_matches_transformers(family, tokenizer, prompts, tmp_path):
 
 
 def test_safetensors_export_of_the_default_model_matches_its_gguf(
-    hf_model, tokenizer, prompts, tmp_path
+    model_path, tokenizer, prompts, tmp_path
 ):
-    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
+    )
+    model.hf_quantizer = None  # the weights are dequantized already; only the record remains
+    del model.config.quantization_config
+    model.save_pretrained(tmp_path, safe_serialization=True)
     tokenizer.save_pretrained(tmp_path)
     params = SamplingParams(max_tokens=12, temperature=0)
     from_gguf = LLM(None, dtype="float32").generate(prompts[:6], params)
