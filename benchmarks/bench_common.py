@@ -92,4 +92,4 @@ def machine_info() -> dict[str, Any]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")  # Paths as strings
-    print(f"wrote {path}")
+    print(f"wrote {path}", flush=True)

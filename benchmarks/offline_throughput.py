@@ -252,6 +252,14 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def save(args: argparse.Namespace, started: list[float], results: list[dict[str, Any]]) -> None:
+    """Writes what has been measured so far, so an interrupted run keeps its results."""
+    meta = {**machine_info(), "loadavg_start": started, "loadavg_end": load_average()}
+    meta["argv"] = sys.argv[1:]
+    write_json(args.out, {"meta": meta, "config": vars(args),
+                          "results": results, "ratios": ratios(results)})  # fmt: skip
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(NUM_THREADS)
@@ -265,17 +273,9 @@ def main() -> None:
         for system in args.systems:
             print(f"[{dtype}] {system}", flush=True)
             results.append(RUNNERS[system](model_dir, dtype, prompts, args))
+            save(args, started, results)
             gc.collect()
-    ratio_table = ratios(results)
-    print_table(results, ratio_table)
-    meta = {
-        **machine_info(),
-        "loadavg_start": started,
-        "loadavg_end": load_average(),
-        "argv": sys.argv[1:],
-    }
-    write_json(args.out, {"meta": meta, "config": vars(args),
-                          "results": results, "ratios": ratio_table})  # fmt: skip
+    print_table(results, ratios(results))
 
 
 if __name__ == "__main__":
