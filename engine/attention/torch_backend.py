@@ -95,15 +95,18 @@ class TorchAttention(AttentionBackend):
         self, q: torch.Tensor, kv_cache: torch.Tensor, plan: TorchPlan
     ) -> torch.Tensor:
         num_seqs = plan.single_tables.shape[0]
-        qs = q[plan.single_token_ids].unsqueeze(2)  # [S, H, 1, D]
+        group = self.num_heads // self.num_kv_heads
+        # Grouped-query attention by regrouping the queries: the G query heads that share
+        # a KV head become G query rows of it, so each KV head is read once and SDPA runs
+        # without expanding K and V (several times faster in bfloat16 on CPU).
+        qs = q[plan.single_token_ids].view(num_seqs, self.num_kv_heads, group, self.head_dim)
         keys = kv_cache[:, 0][plan.single_tables]  # [S, MB, BS, KVH, D]
         values = kv_cache[:, 1][plan.single_tables]
         length = keys.shape[1] * keys.shape[2]
         keys = keys.view(num_seqs, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         values = values.view(num_seqs, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            qs, keys, values, attn_mask=plan.single_mask, enable_gqa=True
-        )
+        out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=plan.single_mask)
+        out = out.view(num_seqs, self.num_heads, 1, self.head_dim)
         return out.squeeze(2)  # [S, H, D]
 
     def _chunk(
