@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -22,7 +23,14 @@ from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, KVImportError
 from engine.kv.cache_manager import KVCacheManager
-from engine.kv.kv_cache import KVBlockMeta, PagedKVCache, check_import, kv_checksum
+from engine.kv.kv_cache import (
+    LAYOUT_FIELDS,
+    KVBlockMeta,
+    PagedKVCache,
+    check_import,
+    check_layout,
+    kv_checksum,
+)
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_model, read_model_config
 from engine.models.source import resolve_model
@@ -89,17 +97,35 @@ class LLMEngine:
 
     # ---- requests in -------------------------------------------------------------------
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams) -> str:
-        """Queues a request; returns its engine-internal id."""
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        hold_after_prefill: bool = False,
+    ) -> str:
+        """Queues a request; returns its id (`request_id`, or a new one).
+
+        With `hold_after_prefill` (a prefill instance), the request stops after its
+        first token unless that token finished it: it is HELD, its blocks kept for
+        `read_kv` until `release`.
+        """
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        request = self._new_request(prompt_ids, params)
+        request = self._new_request(prompt_ids, params, request_id)
+        request.hold_after_prefill = hold_after_prefill
         self.scheduler.add(request)
         return request.request_id
 
-    def _new_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def _new_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        if request_id is None:
+            request_id = str(next(self._next_id))
+        elif request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._validate(prompt_ids, params)
         request = Request(
-            request_id=str(next(self._next_id)),
+            request_id=request_id,
             prompt_token_ids=prompt_ids,
             params=params,
             eos_token_ids=self.eos_token_ids,
@@ -151,6 +177,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._aborted)
 
+    def has_pending_steps(self) -> bool:
+        """Whether step() has anything to do (held and reserved requests wait on others)."""
+        return bool(self.scheduler.waiting or self.scheduler.running or self._aborted)
+
     # ---- the step loop -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -177,6 +207,8 @@ class LLMEngine:
             request.append_token(token_id)
             status, stop_reason = self._check_stop(request, token_id)
             outputs.append(self._finish_or_report(request, [token_id], status, stop_reason))
+            if status is None and request.hold_after_prefill:
+                self.scheduler.hold(request)
         return outputs
 
     def _check_stop(
@@ -249,12 +281,112 @@ class LLMEngine:
         )
 
     def export_kv(self, request_id: str) -> tuple[KVBlockMeta, torch.Tensor]:
-        """The computed blocks of a running request, with their metadata."""
+        """The computed blocks of a running or held request, with their metadata."""
         request = self.requests[request_id]
         num_tokens = request.num_computed_tokens
         block_ids = request.block_ids[: self.kv.blocks_for(num_tokens)]
-        data = self.kv_cache.read_blocks(block_ids)
-        return self._layout(num_tokens, block_ids, kv_checksum(data, num_tokens)), data
+        data, checksum = self.read_kv(request_id, 0, len(block_ids))
+        return self._layout(num_tokens, block_ids, checksum), data
+
+    def read_kv(self, request_id: str, start: int, end: int) -> tuple[torch.Tensor, int]:
+        """Blocks [start, end) of a request's computed KV, and the CRC-32 of their filled slots."""
+        request = self.requests[request_id]
+        if not 0 <= start < end <= self.kv.blocks_for(request.num_computed_tokens):
+            raise KVImportError(
+                f"blocks [{start}, {end}) of request {request_id} are not computed: it has "
+                f"{request.num_computed_tokens} tokens in the cache"
+            )
+        data = self.kv_cache.read_blocks(request.block_ids[start:end])
+        num_tokens = min(request.num_computed_tokens, end * self.kv.block_size)
+        return data, kv_checksum(data, num_tokens - start * self.kv.block_size)
+
+    def release(self, request_id: str) -> None:
+        """Frees a held request once its KV lives elsewhere; no output is produced."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        del self._detokenizers[request_id]
+
+    def layout(self) -> KVBlockMeta:
+        """This engine's KV layout (the token and block fields empty)."""
+        return self._layout(0, [], 0)
+
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        num_kv_tokens: int,
+        layout: KVBlockMeta,
+    ) -> int:
+        """Allocates blocks for a request whose KV will arrive; returns how many.
+
+        The request is RESERVED until `commit` (or `abort_request`).
+        """
+        check_layout(layout, self.layout())
+        request = self._new_request(list(prompt_token_ids), params, request_id)
+        if not 0 < num_kv_tokens < self.max_model_len:
+            self._drop(request)
+            raise KVImportError(f"cannot reserve KV for {num_kv_tokens} tokens")
+        if not self.scheduler.reserve(request, num_kv_tokens):
+            self._drop(request)
+            raise KVImportError(
+                f"no room: {self.kv.blocks_for(num_kv_tokens)} blocks asked, "
+                f"{self.kv.pool.num_free_blocks} free, "
+                f"{self.scheduler.num_unfinished} of {self.scheduler.max_num_seqs} requests"
+            )
+        return len(request.block_ids)
+
+    def write_kv(
+        self, request_id: str, start: int, data: torch.Tensor, num_tokens: int, checksum: int
+    ) -> None:
+        """Writes arriving blocks [start, start + n) of a reserved request, checksum first."""
+        request = self._reserved(request_id)
+        end = start + data.shape[1]
+        if start < 0 or end > len(request.block_ids):
+            raise KVImportError(
+                f"blocks [{start}, {end}) fall outside the {len(request.block_ids)} reserved"
+            )
+        expected = self.kv_cache.layers[0].shape[1:]
+        if tuple(data.shape[2:]) != tuple(expected) or data.shape[0] != len(self.kv_cache.layers):
+            raise KVImportError(f"KV blocks of shape {tuple(data.shape)} do not fit this cache")
+        if kv_checksum(data, num_tokens) != checksum:
+            raise KVImportError("KV blocks failed their checksum: the transfer corrupted them")
+        self.kv_cache.write_blocks(request.block_ids[start:end], data)
+
+    def commit(self, request_id: str, output_token_ids: list[int], num_kv_tokens: int) -> None:
+        """The reserved request's KV is complete: it joins the running batch.
+
+        `output_token_ids` are the tokens generated elsewhere (at least the first).
+        Text the sender already emitted for them is not emitted again.
+        """
+        request = self._reserved(request_id)
+        if not output_token_ids:
+            raise KVImportError("a request handed over needs its first output token")
+        if num_kv_tokens != request.num_prompt_tokens + len(output_token_ids) - 1:
+            raise KVImportError(
+                f"KV holds {num_kv_tokens} tokens, the request "
+                f"{request.num_prompt_tokens + len(output_token_ids) - 1}"
+            )
+        if self.kv.blocks_for(num_kv_tokens) > len(request.block_ids):
+            raise KVImportError(
+                f"{num_kv_tokens} tokens need more than the "
+                f"{len(request.block_ids)} blocks reserved"
+            )
+        detokenizer = self._detokenizers[request_id]
+        for token_id in output_token_ids:
+            request.append_token(token_id)
+            detokenizer.add(token_id)
+        detokenizer.emittable(False)  # what the sender streamed already
+        self.scheduler.commit(request, num_kv_tokens)
+        self.kv.cache_computed_blocks(request)
+
+    def _reserved(self, request_id: str) -> Request:
+        request = self.requests.get(request_id)
+        if request is None or request.status != RequestStatus.RESERVED:
+            raise KVImportError(f"request {request_id!r} has no reservation here")
+        return request
 
     def import_request(
         self,
@@ -263,34 +395,72 @@ class LLMEngine:
         params: SamplingParams,
         meta: KVBlockMeta,
         data: torch.Tensor,
+        request_id: str | None = None,
     ) -> str:
         """Adds a request whose KV (all tokens but the last) was computed elsewhere.
 
-        It joins the running batch and decodes from the next step on.
+        reserve + write_kv + commit in one call. It joins the running batch and
+        decodes from the next step on; on any error nothing is left allocated.
         """
         if not output_token_ids:
             raise KVImportError("an imported request needs its first output token")
         check_import(meta, self._layout(meta.num_tokens, meta.block_ids, meta.checksum), data)
-        request = self._new_request(list(prompt_token_ids), params)
-        for token_id in output_token_ids:
-            request.append_token(token_id)
-            self._detokenizers[request.request_id].add(token_id)
-        if meta.num_tokens != request.num_tokens - 1:
-            self._drop(request)
-            raise KVImportError(
-                f"KV holds {meta.num_tokens} tokens, the request {request.num_tokens - 1}"
-            )
-        if not self.scheduler.adopt(request, meta.num_tokens):
-            self._drop(request)
-            raise KVImportError(
-                f"no room: {len(meta.block_ids)} blocks asked, {self.kv.pool.num_free_blocks} free"
-            )
-        self.kv_cache.write_blocks(request.block_ids, data)
-        self.kv.cache_computed_blocks(request)
-        return request.request_id
+        if request_id is None:
+            request_id = str(next(self._next_id))
+        self.reserve(request_id, prompt_token_ids, params, meta.num_tokens, meta)
+        try:
+            self.write_kv(request_id, 0, data, meta.num_tokens, meta.checksum)
+            self.commit(request_id, list(output_token_ids), meta.num_tokens)
+        except Exception:
+            self.abort_request(request_id)
+            self._aborted.pop()
+            raise
+        return request_id
 
     def _drop(self, request: Request) -> None:
         del self.requests[request.request_id], self._detokenizers[request.request_id]
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
+
+    # ---- what a worker reports -------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What a router needs to know: model, limits, KV layout, tokenizer files."""
+        layout = self.layout().to_dict()
+        tokenizer = self.tokenizer
+        return {
+            "model_id": self.model_id,
+            "layout": {k: layout[k] for k in LAYOUT_FIELDS},
+            "max_model_len": self.max_model_len,
+            "vocab_size": self.model_config.vocab_size,
+            "eos_token_ids": sorted(self.eos_token_ids),
+            "tokenizer_json": tokenizer.backend_tokenizer.to_str(),
+            "tokenizer_config": {
+                "chat_template": tokenizer.chat_template,
+                "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token,
+            },
+            "num_blocks": self.kv.pool.num_blocks,
+        }
+
+    def stats(self, check_invariants: bool = False) -> dict[str, Any]:
+        """Load and health: blocks, queue lengths, and the invariants if asked."""
+        scheduler = self.scheduler
+        error = ""
+        if check_invariants:
+            try:
+                self.check_invariants()
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        return {
+            "num_blocks": self.kv.pool.num_blocks,
+            "num_free_blocks": self.kv.pool.num_free_blocks,
+            "num_waiting": len(scheduler.waiting),
+            "num_running": len(scheduler.running),
+            "num_reserved": len(scheduler.reserved),
+            "num_held": len(scheduler.held),
+            "num_queued_prefill_tokens": sum(r.num_tokens for r in scheduler.waiting)
+            + sum(r.num_tokens - r.num_computed_tokens for r in scheduler.running),
+            "invariants_error": error,
+        }

@@ -1,8 +1,15 @@
 """A request inside one engine, and its lifecycle.
 
     add_request ──▶ WAITING ──schedule──▶ RUNNING ──update──▶ FINISHED_STOPPED
-                       ▲                     │                 FINISHED_LENGTH
-                       └──── preempted ──────┘     abort ───▶ FINISHED_ABORTED
+                       ▲                     │  │              FINISHED_LENGTH
+                       └──── preempted ──────┘  │   abort ───▶ FINISHED_ABORTED
+                                                │ first token, hold_after_prefill
+    reserve ──▶ RESERVED ──commit──▶ RUNNING    └──▶ HELD ──release──▶ (gone)
+
+A KV handoff moves a request between engines: the sender's copy is HELD (its
+blocks kept, nothing scheduled) until the receiver has committed it; the
+receiver's copy is RESERVED (blocks allocated, KV arriving) until commit puts
+it in the running batch.
 
 A RUNNING request is prefilling while num_computed_tokens < num_tokens - 1 is
 possible only mid-prompt; once its whole context is computed, each step adds
@@ -25,10 +32,12 @@ from engine.sampling_params import SamplingParams
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
+    RESERVED = 2  # blocks allocated for KV computed elsewhere, not yet committed
+    HELD = 3  # prefilled here, KV being handed off; never scheduled again
     # Every status from here on is final.
-    FINISHED_STOPPED = 2
-    FINISHED_LENGTH = 3
-    FINISHED_ABORTED = 4
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
 
     @property
     def is_finished(self) -> bool:
@@ -74,6 +83,7 @@ class Request:
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_token_time: float | None = None
+    hold_after_prefill: bool = False  # a prefill instance's request: HELD after its first token
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

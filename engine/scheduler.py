@@ -56,25 +56,39 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in priority order: earliest admitted first
+        self.reserved: dict[str, Request] = {}  # KV arriving from another engine
+        self.held: dict[str, Request] = {}  # KV being handed to another engine
         self.num_preemptions = 0
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.reserved) + len(self.held)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def adopt(self, request: Request, num_computed_tokens: int) -> bool:
-        """Runs a request whose first tokens were computed elsewhere; False if there is no room."""
-        if len(self.running) >= self.max_num_seqs or not self.kv.allocate(
-            request, num_computed_tokens
-        ):
+    def reserve(self, request: Request, num_kv_tokens: int) -> bool:
+        """Allocates blocks for KV computed elsewhere; False if there is no room."""
+        if len(self.running) + len(self.reserved) >= self.max_num_seqs:
             return False
+        if not self.kv.allocate(request, num_kv_tokens):
+            return False
+        request.status = RequestStatus.RESERVED
+        self.reserved[request.request_id] = request
+        return True
+
+    def commit(self, request: Request, num_computed_tokens: int) -> None:
+        """A reserved request's KV has arrived: it joins the running batch."""
+        del self.reserved[request.request_id]
         request.num_computed_tokens = num_computed_tokens
         request.status = RequestStatus.RUNNING
         self.running.append(request)
-        return True
+
+    def hold(self, request: Request) -> None:
+        """Takes a prefilled request out of the batch, keeping its blocks for the handoff."""
+        self.running.remove(request)
+        request.status = RequestStatus.HELD
+        self.held[request.request_id] = request
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Ends a request in any state and frees its blocks."""
@@ -82,6 +96,10 @@ class Scheduler:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING:
             self.waiting.remove(request)
+        elif request.status == RequestStatus.RESERVED:
+            del self.reserved[request.request_id]
+        elif request.status == RequestStatus.HELD:
+            del self.held[request.request_id]
         self.kv.free(request)
         request.status = status
 
@@ -156,9 +174,10 @@ class Scheduler:
         )
 
     def check_invariants(self) -> None:
-        """Every block's ref count equals the number of running requests holding it."""
+        """Every block's ref count equals the number of requests holding it."""
         self.kv.check_invariants()
-        holders = Counter(b for r in self.running for b in r.block_ids)
+        holding = [*self.running, *self.reserved.values(), *self.held.values()]
+        holders = Counter(b for r in holding for b in r.block_ids)
         for block_id in range(self.kv.pool.num_blocks):
             if self.kv.pool.ref_count(block_id) != holders[block_id]:
                 raise InvariantError(
@@ -173,6 +192,11 @@ class Scheduler:
         for r in self.running:
             if len(r.block_ids) < self.kv.blocks_for(r.num_computed_tokens):
                 raise InvariantError(f"request {r.request_id} computed tokens beyond its blocks")
+        groups = ((self.reserved, RequestStatus.RESERVED), (self.held, RequestStatus.HELD))
+        for group, status in groups:
+            for r in group.values():
+                if r.status != status:
+                    raise InvariantError(f"{r.request_id} is {r.status.name}, not {status.name}")
 
 
 def _is_decoding(request: Request) -> bool:

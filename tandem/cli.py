@@ -2,13 +2,17 @@
 
     tandem generate "Once upon a time" --max-tokens 64
     tandem chat "What is the capital of France?"
+    tandem serve [--mode disaggregated|colocated] [--prefill-instances N] [--decode-instances N]
 
-Both stream the text as it is generated. `tandem serve` arrives with the data plane.
+generate and chat run one engine in this process and stream the text. serve starts
+the state store, the workers (Ray actors, or local processes with --launcher local)
+and the router: OpenAI HTTP on 127.0.0.1:8000 and gRPC on 127.0.0.1:50051.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -38,11 +42,32 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--temperature", type=float, default=0.0)
         sub.add_argument("--top-p", type=float, default=1.0)
         sub.add_argument("--seed", type=int, default=None)
+    _add_serve(commands)
     return parser
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="serve the model over OpenAI HTTP and gRPC")
+    serve.add_argument("--model", default=None, help="as for generate (default: SmolLM2)")
+    serve.add_argument("--dtype", default="bfloat16", choices=sorted(SUPPORTED_DTYPES))
+    serve.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
+    serve.add_argument("--prefill-instances", type=int, default=1)
+    serve.add_argument("--decode-instances", type=int, default=1)
+    serve.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=50051)
+    serve.add_argument("--launcher", default="ray", choices=["ray", "local"])
+    serve.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' too)")
+    serve.add_argument("--threads-per-worker", type=int, default=1, help="torch threads")
+    serve.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="chunk budget")
+    serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per worker")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     try:
         engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype))
         params = SamplingParams(
@@ -60,6 +85,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tandem: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from cluster.deployment import Deployment, DeploymentOptions
+    from router.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        options = DeploymentOptions(
+            mode=args.mode,
+            prefill_instances=args.prefill_instances,
+            decode_instances=args.decode_instances,
+            model=args.model,
+            dtype=args.dtype,
+            launcher=args.launcher,
+            ray_address=args.ray_address,
+            host=args.host,
+            threads_per_worker=args.threads_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30)),
+        )
+    except ValueError as error:
+        print(f"tandem serve: {error}", file=sys.stderr)
+        return 2
+    deployment = Deployment(options)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: workers down, then exit
+    try:
+        addresses = deployment.start()
+        asyncio.run(serve(addresses, args.host, args.http_port, args.grpc_port))
+    except KeyboardInterrupt:
+        pass
+    except Exception as error:
+        print(f"tandem serve: {error}", file=sys.stderr)
+        return 1
+    finally:
+        deployment.stop()
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _stream(engine: LLMEngine, request_id: str) -> None:

@@ -66,14 +66,22 @@ def kv_checksum(data: torch.Tensor, num_tokens: int) -> int:
     return zlib.crc32(filled.view(torch.uint8).numpy().data)
 
 
-def check_import(meta: KVBlockMeta, expected: KVBlockMeta, data: torch.Tensor) -> None:
-    """Raises KVImportError unless `data` matches this engine's layout and the checksum."""
-    for name in ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim"):
+def check_layout(meta: KVBlockMeta, expected: KVBlockMeta) -> None:
+    """Raises KVImportError unless blocks laid out as `meta` fit this engine's cache."""
+    for name in LAYOUT_FIELDS:
         if getattr(meta, name) != getattr(expected, name):
             raise KVImportError(
                 f"KV blocks have {name}={getattr(meta, name)!r}, "
                 f"this engine {getattr(expected, name)!r}"
             )
+
+
+LAYOUT_FIELDS = ("model_id", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim")
+
+
+def check_import(meta: KVBlockMeta, expected: KVBlockMeta, data: torch.Tensor) -> None:
+    """Raises KVImportError unless `data` matches this engine's layout and the checksum."""
+    check_layout(meta, expected)
     num_blocks = -(-meta.num_tokens // meta.block_size)
     if data.shape[1] != num_blocks or len(meta.block_ids) != num_blocks:
         raise KVImportError(

@@ -1,0 +1,119 @@
+"""One serving deployment: the state store, the worker pools, and how they were launched.
+
+    Deployment(options).start()  ->  state store (this process) + workers (Ray or local)
+    .addresses                   ->  the workers' gRPC addresses, for the router
+    .stop()                      ->  workers stopped, Ray shut down if we started it
+
+Disaggregated mode runs `prefill_instances` prefill workers and `decode_instances`
+decode workers; colocated mode runs `decode_instances` workers that do both phases.
+The state store is a torch.distributed TCPStore hosted here: KV links rendezvous in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.spec import WorkerSpec
+
+logger = logging.getLogger(__name__)
+
+MODES = ("disaggregated", "colocated")
+LAUNCHERS = ("ray", "local")
+
+
+@dataclass
+class DeploymentOptions:
+    mode: str = "disaggregated"
+    prefill_instances: int = 1
+    decode_instances: int = 1
+    model: str | None = None
+    dtype: str = "bfloat16"
+    launcher: str = "ray"
+    ray_address: str | None = None
+    host: str = "127.0.0.1"
+    threads_per_worker: int = 1
+    cpus_per_worker: float = 1.0
+    max_num_batched_tokens: int = 512
+    kv_cache_memory_bytes: int = 1 << 30
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    pack: bool = False  # Ray: all workers in one placement group on one node
+    deadlines: dict[str, float] = field(default_factory=dict)
+    start_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.decode_instances < 1:
+            raise ValueError("--decode-instances must be at least 1")
+        if self.mode == "disaggregated" and self.prefill_instances < 1:
+            raise ValueError("--prefill-instances must be at least 1 in disaggregated mode")
+
+    def worker_specs(self, store_address: str) -> list[WorkerSpec]:
+        common: dict[str, Any] = {
+            "store_address": store_address,
+            "model": self.model,
+            "dtype": self.dtype,
+            "num_threads": self.threads_per_worker,
+            "num_cpus": self.cpus_per_worker,
+            "host": self.host,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
+            "num_blocks": self.num_blocks,
+            "enable_prefix_caching": self.enable_prefix_caching,
+        }
+        if self.mode == "colocated":
+            return [
+                WorkerSpec(f"colocated-{i}", "colocated", **common)
+                for i in range(self.decode_instances)
+            ]
+        prefill = [
+            WorkerSpec(f"prefill-{i}", "prefill", deadlines=dict(self.deadlines), **common)
+            for i in range(self.prefill_instances)
+        ]
+        decode = [
+            WorkerSpec(f"decode-{i}", "decode", **common) for i in range(self.decode_instances)
+        ]
+        return prefill + decode
+
+
+class Deployment:
+    def __init__(self, options: DeploymentOptions) -> None:
+        self.options = options
+        self.store: Any = None
+        self.store_address = ""
+        self.launcher: Any = None
+        self.workers: list[Any] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        return [worker.address for worker in self.workers]
+
+    def start(self) -> list[str]:
+        from engine.kv.link import start_store  # torch.distributed's TCPStore
+
+        options = self.options
+        self.store, self.store_address = start_store(options.host)
+        specs = options.worker_specs(self.store_address)
+        if options.launcher == "ray":
+            from cluster.launcher import RayLauncher
+
+            self.launcher = RayLauncher(options.ray_address)
+            self.workers = self.launcher.start(specs, options.start_timeout, pack=options.pack)
+        else:
+            from cluster.launcher import LocalLauncher
+
+            self.launcher = LocalLauncher()
+            self.workers = self.launcher.start(specs, options.start_timeout)
+        logger.info("workers: %s", {w.spec.instance_id: w.address for w in self.workers})
+        return self.addresses
+
+    def stop(self) -> None:
+        if self.launcher is not None:
+            self.launcher.shutdown()
+            self.launcher = None
+        self.workers = []

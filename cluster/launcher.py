@@ -1,0 +1,247 @@
+"""Starting workers: as Ray actors (the default) or as plain local processes.
+
+Both launchers take WorkerSpecs and return WorkerHandles once every worker serves
+its gRPC address. The worker code is imported by module name inside the worker's
+own process, so this module needs no model code, and Ray only when it is used.
+
+Ray: each worker is an actor with explicit CPU/GPU resources and a fixed number of
+torch threads. `pack=True` places all of them in one STRICT_PACK placement group
+(one node); a spec's `node` pins a worker to the node offering that custom resource.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cluster.spec import WorkerSpec
+from cluster.worker_main import READY
+
+
+class LaunchError(RuntimeError):
+    """A worker failed to start; the message carries its own error output."""
+
+
+class WorkerHandle(Protocol):
+    spec: WorkerSpec
+    address: str
+
+    def alive(self) -> bool: ...
+
+    def kill(self) -> None: ...
+
+
+# ---- local processes -------------------------------------------------------------------------
+
+
+@dataclass
+class ProcessWorker:
+    spec: WorkerSpec
+    process: subprocess.Popen[str]
+    address: str = ""
+    log: list[str] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class LocalLauncher:
+    """Workers as child processes of this one, for machines without Ray."""
+
+    def __init__(self) -> None:
+        self.workers: list[ProcessWorker] = []
+
+    def start(self, specs: list[WorkerSpec], timeout: float = 600.0) -> list[ProcessWorker]:
+        started = [self._spawn(spec) for spec in specs]
+        self.workers.extend(started)
+        deadline = time.monotonic() + timeout
+        for worker in started:
+            self._wait_ready(worker, deadline)
+        return started
+
+    def _spawn(self, spec: WorkerSpec) -> ProcessWorker:
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec.num_threads))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cluster.worker_main", spec.to_json()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        return ProcessWorker(spec, process)
+
+    def _wait_ready(self, worker: ProcessWorker, deadline: float) -> None:
+        ready = threading.Event()
+
+        def read() -> None:
+            assert worker.process.stdout is not None
+            for line in worker.process.stdout:
+                if line.startswith(READY) and not ready.is_set():
+                    worker.address = line.split()[1]
+                    ready.set()
+                else:
+                    worker.log.append(line.rstrip())
+                    del worker.log[:-200]
+            ready.set()
+
+        threading.Thread(target=read, name=f"log-{worker.spec.instance_id}", daemon=True).start()
+        ready.wait(max(0.0, deadline - time.monotonic()))
+        if not worker.address:
+            worker.kill()
+            tail = "\n".join(worker.log[-30:])
+            raise LaunchError(f"worker {worker.spec.instance_id} did not start:\n{tail}")
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+
+
+# ---- Ray ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayWorker:
+    spec: WorkerSpec
+    actor: Any
+    address: str = ""
+    node_id: str = ""
+
+    def alive(self) -> bool:
+        import ray
+
+        try:
+            ray.get(self.actor.ping.remote(), timeout=10)
+            return True
+        except Exception:
+            return False
+
+    def kill(self) -> None:
+        import ray
+
+        ray.kill(self.actor, no_restart=True)
+
+
+def _actor_class() -> Any:
+    import ray
+
+    @ray.remote
+    class WorkerActor:
+        """One worker in an actor process; its gRPC server runs on the actor's threads."""
+
+        def __init__(self, spec_json: str) -> None:
+            self.spec = WorkerSpec.from_json(spec_json)
+            self.service: Any = None
+
+        def start(self) -> tuple[str, str]:
+            from cluster.worker_main import start
+
+            self.service = start(self.spec)
+            return self.service.address, ray.get_runtime_context().get_node_id()
+
+        def ping(self) -> int:
+            return os.getpid()
+
+        def stop(self) -> None:
+            if self.service is not None:
+                self.service.stop()
+
+    return WorkerActor
+
+
+class RayLauncher:
+    """Workers as Ray actors, on a Ray cluster at `address` or a new local one."""
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        import ray
+
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
+            ray.init(
+                address=address,
+                num_cpus=num_cpus if address is None else None,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        self.workers: list[RayWorker] = []
+        self._placement_group: Any = None
+
+    def start(
+        self, specs: list[WorkerSpec], timeout: float = 600.0, pack: bool = False
+    ) -> list[RayWorker]:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        actor_class = _actor_class()
+        strategy: list[Any] = [None] * len(specs)
+        if pack:
+            bundles = [_bundle(s) for s in specs]
+            group = ray.util.placement_group(bundles, strategy="STRICT_PACK")
+            ray.get(group.ready(), timeout=timeout)
+            self._placement_group = group
+            strategy = [PlacementGroupSchedulingStrategy(group, i) for i in range(len(specs))]
+        started = []
+        for spec, scheduling in zip(specs, strategy):
+            options: dict[str, Any] = {
+                "num_cpus": spec.num_cpus,
+                "num_gpus": spec.num_gpus,
+                "name": f"tandem-{spec.instance_id}",
+                "max_restarts": 0,
+                "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(spec.num_threads)}},
+            }
+            if spec.node:
+                options["resources"] = {spec.node: 0.001}
+            if scheduling is not None:
+                options["scheduling_strategy"] = scheduling
+            started.append(RayWorker(spec, actor_class.options(**options).remote(spec.to_json())))
+        refs = [worker.actor.start.remote() for worker in started]
+        try:
+            results = ray.get(refs, timeout=timeout)
+        except Exception as exc:
+            for worker in started:
+                worker.kill()
+            raise LaunchError(f"Ray workers did not start: {exc}") from exc
+        for worker, (address, node_id) in zip(started, results):
+            worker.address, worker.node_id = address, node_id
+        self.workers.extend(started)
+        return started
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            with contextlib.suppress(Exception):  # already gone
+                worker.kill()
+        self.workers.clear()
+        if self._placement_group is not None:
+            ray.util.remove_placement_group(self._placement_group)
+            self._placement_group = None
+        if self._started_ray:
+            ray.shutdown()
+
+
+def _bundle(spec: WorkerSpec) -> dict[str, float]:
+    bundle = {"CPU": spec.num_cpus}
+    if spec.num_gpus:
+        bundle["GPU"] = spec.num_gpus
+    return bundle

@@ -1,0 +1,61 @@
+"""What a launcher needs to start one worker: plain fields, sent as JSON (never pickle)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ROLES = ("prefill", "decode", "colocated")
+# The module whose build(spec) makes each role's service.
+ROLE_MODULES = {
+    "prefill": "prefill_worker.main",
+    "decode": "decode_worker.main",
+    "colocated": "decode_worker.main",
+}
+
+
+@dataclass
+class WorkerSpec:
+    instance_id: str
+    role: str
+    store_address: str  # host:port of the state store (a TCPStore)
+    model: str | None = None
+    dtype: str = "bfloat16"
+    num_threads: int = 1
+    num_cpus: float = 1.0  # Ray resources
+    num_gpus: float = 0.0
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+    max_num_batched_tokens: int = 512
+    kv_cache_memory_bytes: int = 1 << 30
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+    deadlines: dict[str, float] = field(default_factory=dict)  # prefill: reserve/transfer/...
+    node: str | None = None  # Ray: a custom resource name that pins the worker to a node
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        data: dict[str, Any] = json.loads(text)
+        return cls(**data)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The EngineConfig fields this spec sets."""
+        return {
+            "model": self.model,
+            "dtype": self.dtype,
+            "num_threads": self.num_threads,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
+            "num_blocks": self.num_blocks,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "max_model_len": self.max_model_len,
+        }

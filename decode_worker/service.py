@@ -1,0 +1,279 @@
+"""A decode instance: receives KV caches, decodes them in one continuous batch, streams tokens.
+
+    Reserve(request, layout, link)   blocks allocated, request RESERVED, a lease starts
+    ReceiveBlocks(header) x chunks   bytes over the KV link, checksum, written in place
+    Commit(first tokens, KV count)   the request joins the running batch
+    Subscribe(router)                every step, one StepBatch per router with the new
+                                     tokens of all its requests
+
+Any failure frees the reservation: a checksum or shape mismatch, a broken link, an
+explicit Abort from the sender, or the lease running out because the sender went
+silent (it died, or lost the link). In colocated mode the same instance also
+takes prompts (Generate) and runs both phases with the same engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import grpc
+import torch
+
+from cluster.worker_base import WorkerServicer, delta_message, link_stats, sampling_params
+from engine.engine import LLMEngine
+from engine.errors import InvalidRequestError, KVImportError
+from engine.kv.kv_cache import KVBlockMeta
+from engine.kv.link import LinkError, LinkManager
+from engine.loop import EngineLoop
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from proto.tandem.internal.v1 import worker_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DecodeService(WorkerServicer):
+    role = "decode"
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        instance_id: str,
+        links: LinkManager,
+        colocated: bool = False,
+        transfer_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(instance_id)
+        if colocated:
+            self.role = "colocated"
+        self.engine = engine
+        self.links = links
+        self.transfer_timeout = transfer_timeout
+        self.loop = EngineLoop(engine, self._on_outputs)
+        self._lock = threading.Lock()
+        self._routes: dict[str, str] = {}  # request id -> router id
+        self._subscribers: dict[str, queue.Queue[pb.StepBatch | None]] = {}
+        self._leases: dict[str, float] = {}  # reserved request id -> monotonic deadline
+        self.kv_bytes_received = 0
+        self.handoffs_completed = 0
+        self.handoffs_failed = 0
+        self._stopping = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_leases, name="leases", daemon=True)
+
+    def start(self) -> None:
+        self.loop.start()
+        self._reaper.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            for subscriber in self._subscribers.values():
+                subscriber.put(None)
+        self.loop.stop()
+
+    # ---- router side -----------------------------------------------------------------------
+
+    def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Any:
+        """One long-lived stream per router: every step's new tokens of its requests."""
+        inbox: queue.Queue[pb.StepBatch | None] = queue.Queue()
+        with self._lock:
+            old = self._subscribers.get(request.router_id)
+            self._subscribers[request.router_id] = inbox
+        if old is not None:
+            old.put(None)  # a reconnecting router replaces its old stream
+        context.send_initial_metadata(())  # tells the router the stream is open
+        try:
+            while context.is_active() and not self._stopping.is_set():
+                try:
+                    batch = inbox.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            with self._lock:
+                if self._subscribers.get(request.router_id) is inbox:
+                    del self._subscribers[request.router_id]
+                    orphans = [r for r, owner in self._routes.items() if owner == request.router_id]
+                else:
+                    orphans = []
+            for request_id in orphans:  # nobody is left to read their tokens
+                self.loop.submit(self.engine.abort_request, request_id)
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
+        if self.role != "colocated":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a decode instance takes no prompts")
+        params = sampling_params(SamplingParams, request.params, context)
+        with self._lock:
+            self._routes[request.request_id] = request.router_id
+        try:
+            self.loop.call(
+                self.engine.add_request,
+                list(request.prompt_token_ids),
+                params,
+                request_id=request.request_id,
+            )
+        except InvalidRequestError as exc:
+            self._forget(request.request_id)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.GenerateReply()
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
+        found = self.loop.call(self._abort, request.request_id)
+        return pb.AbortReply(found=found)
+
+    def _abort(self, request_id: str) -> bool:
+        with self._lock:
+            self._leases.pop(request_id, None)
+        found = request_id in self.engine.requests
+        self.engine.abort_request(request_id)
+        return found
+
+    # ---- the KV handoff, receiving side --------------------------------------------------
+
+    def OpenLink(self, request: pb.OpenLinkRequest, context: grpc.ServicerContext) -> Any:
+        try:
+            self.links.accept(
+                request.link_id, request.initiator.instance_id, request.timeout_seconds
+            )
+        except LinkError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return pb.OpenLinkReply()
+
+    def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> Any:
+        params = sampling_params(SamplingParams, request.params, context)
+        layout = KVBlockMeta(
+            **{f.name: getattr(request.layout, f.name) for f in pb.KVLayout.DESCRIPTOR.fields},
+            num_tokens=request.num_kv_tokens,
+            block_ids=[],
+            checksum=0,
+        )
+        with self._lock:
+            self._routes[request.request_id] = request.router_id
+            self._leases[request.request_id] = time.monotonic() + request.deadline_seconds
+        try:
+            num_blocks = self.loop.call(
+                self.engine.reserve,
+                request.request_id,
+                list(request.prompt_token_ids),
+                params,
+                request.num_kv_tokens,
+                layout,
+            )
+        except (KVImportError, InvalidRequestError) as exc:
+            self._forget(request.request_id)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            if isinstance(exc, InvalidRequestError) or "no room" not in str(exc):
+                code = grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(code, str(exc))
+        return pb.ReserveReply(num_blocks=num_blocks)
+
+    def ReceiveBlocks(self, header: pb.BlocksHeader, context: grpc.ServicerContext) -> Any:
+        request_id = header.request_id
+        try:
+            link = self.links.get(header.link_id)
+            buffer = torch.empty(tuple(header.shape), dtype=_DTYPES[header.dtype])
+            link.recv(buffer, header.tag, self.transfer_timeout)
+        except (LinkError, KeyError) as exc:
+            self._fail(request_id, f"KV transfer failed: {exc}")
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        with self._lock:
+            if request_id in self._leases:  # each chunk renews the lease
+                self._leases[request_id] = max(
+                    self._leases[request_id], time.monotonic() + self.transfer_timeout
+                )
+        try:
+            self.loop.call(
+                self.engine.write_kv,
+                request_id,
+                header.start_block,
+                buffer,
+                header.num_tokens,
+                header.checksum,
+            )
+        except KVImportError as exc:
+            self._fail(request_id, str(exc))
+            context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        with self._lock:
+            self.kv_bytes_received += buffer.numel() * buffer.element_size()
+        return pb.BlocksAck()
+
+    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> Any:
+        try:
+            self.loop.call(
+                self._commit,
+                request.request_id,
+                list(request.output_token_ids),
+                request.num_kv_tokens,
+            )
+        except KVImportError as exc:
+            self._fail(request.request_id, str(exc))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.CommitReply()
+
+    def _commit(self, request_id: str, output_ids: list[int], num_kv_tokens: int) -> None:
+        self.engine.commit(request_id, output_ids, num_kv_tokens)
+        with self._lock:
+            self._leases.pop(request_id, None)
+            self.handoffs_completed += 1
+
+    def _fail(self, request_id: str, reason: str) -> None:
+        """A handoff that cannot complete: free its reservation."""
+        logger.warning("handoff of %s failed: %s", request_id, reason)
+        with self._lock:
+            self.handoffs_failed += 1
+        self.loop.submit(self._abort, request_id)
+
+    def _reap_leases(self) -> None:
+        while not self._stopping.wait(0.5):
+            now = time.monotonic()
+            with self._lock:
+                lapsed = [r for r, deadline in self._leases.items() if deadline < now]
+            for request_id in lapsed:
+                self._fail(request_id, "its lease lapsed: the sender went silent")
+
+    # ---- the step loop's outputs -----------------------------------------------------------
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        batches: dict[str, list[pb.TokenDelta]] = {}
+        with self._lock:
+            for output in outputs:
+                router_id = self._routes.get(output.request_id)
+                if output.finished:
+                    self._routes.pop(output.request_id, None)
+                    self._leases.pop(output.request_id, None)
+                if router_id is not None:
+                    batches.setdefault(router_id, []).append(delta_message(output))
+            for router_id, deltas in batches.items():
+                subscriber = self._subscribers.get(router_id)
+                if subscriber is not None:
+                    subscriber.put(pb.StepBatch(deltas=deltas))
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._routes.pop(request_id, None)
+            self._leases.pop(request_id, None)
+
+    # ---- Info and Status ---------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return self.loop.call(self.engine.describe)
+
+    def stats(self, check_invariants: bool) -> dict[str, Any]:
+        stats = self.loop.call(self.engine.stats, check_invariants)
+        with self._lock:
+            stats.update(
+                handoffs_completed=self.handoffs_completed,
+                handoffs_failed=self.handoffs_failed,
+                kv_bytes_received=self.kv_bytes_received,
+                steps=self.loop.num_steps,
+                links=link_stats(self.links),
+            )
+        return stats

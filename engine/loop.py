@@ -1,0 +1,109 @@
+"""An engine on its own thread: steps while there is work, runs calls between steps.
+
+Workers serve RPCs on many threads, but an LLMEngine is single-threaded. Every RPC
+that touches the engine goes through `call` (or `submit`), which runs it on the
+loop thread between two steps; the loop hands each step's outputs to `on_outputs`
+and then runs `after_step` (where a prefill worker ships the KV blocks the step
+finished).
+
+    while running:
+        run every queued call
+        if the engine has work: outputs = engine.step(); on_outputs(outputs); after_step()
+        else: sleep until a call arrives
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_outputs: Callable[[list[RequestOutput]], None],
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self._on_outputs = on_outputs
+        self._after_step = after_step
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._running = False
+        self.num_steps = 0
+        self.busy_seconds = 0.0
+
+    def start(self) -> None:
+        self._running = True
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self._calls.put(None)
+        self._thread.join(timeout=10)
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Runs fn(*args, **kwargs) on the loop thread before the next step."""
+        future: Future[T] = Future()
+        self._calls.put((lambda: fn(*args, **kwargs), future))
+        return future
+
+    def call(
+        self, fn: Callable[..., T], *args: Any, timeout: float | None = 30.0, **kwargs: Any
+    ) -> T:
+        """submit() and wait: returns fn's result or raises its exception."""
+        return self.submit(fn, *args, **kwargs).result(timeout)
+
+    def _run(self) -> None:
+        while self._running:
+            self._run_calls(block=not self.engine.has_pending_steps())
+            if not self._running or not self.engine.has_pending_steps():
+                continue
+            begin = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception:  # a bug, not a request's fault: keep serving the rest
+                logger.exception("engine step failed")
+                continue
+            self.num_steps += 1
+            self.busy_seconds += time.perf_counter() - begin
+            self._notify(self._on_outputs, outputs)
+            if self._after_step is not None:
+                self._notify(self._after_step)
+
+    def _run_calls(self, block: bool) -> None:
+        try:
+            item = self._calls.get(timeout=0.5) if block else self._calls.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            fn, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _notify(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            logger.exception("engine loop callback failed")

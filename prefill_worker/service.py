@@ -1,0 +1,401 @@
+"""A prefill instance: admits prompts, prefills them in chunks, hands the KV to a decode instance.
+
+One request's handoff, with the deadline of each state:
+
+    Prefill RPC ─▶ link to D (connect) ─▶ queued, then prefilled chunk by chunk
+    first chunk done ─▶ D.Reserve (retried while D has no room, up to `reserve`)
+    every engine step: the blocks that step filled ─▶ D.ReceiveBlocks + bytes on the link
+                                                      (transfer_timeout per chunk)
+    first token sampled ─▶ streamed to the router at once; the request is HELD
+    the last, partial block ─▶ D.ReceiveBlocks ─▶ D.Commit (commit_timeout)
+    D acknowledged ─▶ blocks released here ─▶ HandoffDone to the router
+
+Blocks leave as each chunk finishes, so the transfer overlaps the prompt's compute
+and only the last block waits on the first token. On any failure (a deadline, a
+broken link, D refusing) the request is aborted here, its blocks are freed, D is
+told explicitly with Abort, and the router gets a Failure event. Transfers over one
+link run in order on that link's sender thread; other links are not disturbed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from cluster.worker_base import (
+    WorkerServicer,
+    channel,
+    delta_message,
+    layout_message,
+    link_stats,
+    sampling_params,
+)
+from engine.engine import LLMEngine
+from engine.errors import InvalidRequestError
+from engine.kv.link import KVLink, LinkError, LinkManager
+from engine.loop import EngineLoop
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from proto.tandem.internal.v1 import worker_pb2 as pb
+from proto.tandem.internal.v1 import worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Deadlines:
+    reserve: float = 60.0  # D found room for the request (it waits while D is full)
+    transfer: float = 30.0  # one chunk sent and acknowledged
+    commit: float = 10.0  # D.Commit answered
+    lease: float = 300.0  # D frees the reservation if nothing arrives for this long
+
+
+@dataclass
+class Handoff:
+    request_id: str
+    decode: pb.Peer
+    stub: worker_pb2_grpc.WorkerStub
+    link: KVLink
+    reservation: pb.ReserveRequest  # sent to D when the first blocks are ready
+    events: queue.Queue[pb.PrefillEvent] = field(default_factory=queue.Queue)
+    blocks_queued: int = 0  # blocks handed to the sender so far
+    reserved: bool = False  # D holds blocks for it (so an ending must tell D)
+    final_queued: bool = False
+    done: bool = False  # committed, failed or aborted: nothing more is sent
+    kv_bytes: int = 0
+    num_chunks: int = 0
+    first_send: float | None = None
+    first_token_time: float | None = None
+
+
+@dataclass
+class _Job:
+    handoff: Handoff
+    kind: str  # "reserve", "blocks" or "commit"
+    payload: Any
+
+
+class PrefillService(WorkerServicer):
+    role = "prefill"
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        instance_id: str,
+        links: LinkManager,
+        deadlines: Deadlines | None = None,
+    ) -> None:
+        super().__init__(instance_id)
+        self.engine = engine
+        self.links = links
+        self.deadlines = deadlines or Deadlines()
+        self.block_size = engine.config.block_size
+        self.loop = EngineLoop(engine, self._on_outputs, self._after_step)
+        self._lock = threading.Lock()
+        self._handoffs: dict[str, Handoff] = {}
+        self._senders: dict[str, queue.Queue[_Job | None]] = {}  # link id -> its job queue
+        self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
+        self.handoffs_completed = 0
+        self.handoffs_failed = 0
+        self.kv_bytes_sent = 0
+        self.handoff_seconds_total = 0.0
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            for jobs in self._senders.values():
+                jobs.put(None)
+        self.loop.stop()
+
+    # ---- the router's calls -----------------------------------------------------------------
+
+    def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> Any:
+        params = sampling_params(SamplingParams, request.params, context)
+        request_id = request.request_id
+        stub = self._stub(request.decode.address)
+        try:
+            link = self.links.connect(
+                request.decode.instance_id,
+                lambda link_id, timeout: self._open(stub, link_id, timeout),
+            )
+        except LinkError as exc:
+            yield _failure("UNAVAILABLE", f"decode instance {request.decode.instance_id}: {exc}")
+            return
+        reservation = pb.ReserveRequest(
+            request_id=request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            params=request.params,
+            num_kv_tokens=len(request.prompt_token_ids),
+            layout=layout_message(self.engine.layout().to_dict()),
+            sender=self.peer,
+            link_id=link.link_id,
+            router_id=request.router_id,
+            deadline_seconds=self.deadlines.lease,
+        )
+        handoff = Handoff(request_id, request.decode, stub, link, reservation)
+        with self._lock:
+            self._handoffs[request_id] = handoff
+        context.add_callback(lambda: self._cancel(handoff, "the router went away"))
+        try:
+            self.loop.call(
+                self.engine.add_request,
+                list(request.prompt_token_ids),
+                params,
+                request_id=request_id,
+                hold_after_prefill=True,
+            )
+        except InvalidRequestError as exc:
+            self._end(handoff, abort_peer=True)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        while True:
+            event = handoff.events.get()
+            yield event
+            if event.HasField("handoff") or event.HasField("failure"):
+                return
+            if event.first_token.finished:
+                return
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
+        with self._lock:
+            handoff = self._handoffs.get(request.request_id)
+        if handoff is None:
+            found = self.loop.call(self._abort_local, request.request_id)
+            return pb.AbortReply(found=found)
+        self._cancel(handoff, request.reason or "aborted")
+        return pb.AbortReply(found=True)
+
+    def _abort_local(self, request_id: str) -> bool:
+        found = request_id in self.engine.requests
+        self.engine.abort_request(request_id)
+        return found
+
+    # ---- the engine loop's hooks (loop thread) ------------------------------------------------
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            with self._lock:
+                handoff = self._handoffs.get(output.request_id)
+            if handoff is None or handoff.done:
+                continue
+            if output.finished:
+                # Finished by its first token (EOS, a stop, max_tokens=1) or aborted:
+                # nothing to hand over, and D's reservation is no longer needed.
+                handoff.events.put(pb.PrefillEvent(first_token=delta_message(output, 0)))
+                self._end(handoff, abort_peer=True)
+                continue
+            handoff.first_token_time = time.perf_counter()
+            handoff.events.put(pb.PrefillEvent(first_token=delta_message(output, 0)))
+            self._queue_blocks(handoff, final=True)
+            self._send(_Job(handoff, "commit", list(output.token_ids)))
+
+    def _after_step(self) -> None:
+        with self._lock:
+            pending = [h for h in self._handoffs.values() if not h.final_queued and not h.done]
+        for handoff in pending:
+            self._queue_blocks(handoff, final=False)
+
+    def _queue_blocks(self, handoff: Handoff, final: bool) -> None:
+        """Sends the blocks computed since the last call: full ones, and with `final` the last."""
+        request = self.engine.requests.get(handoff.request_id)
+        if request is None:
+            return
+        num_computed = request.num_computed_tokens
+        end = -(-num_computed // self.block_size) if final else num_computed // self.block_size
+        if final:
+            handoff.final_queued = True
+        if end <= handoff.blocks_queued:
+            return
+        start, handoff.blocks_queued = handoff.blocks_queued, end
+        if start == 0:
+            self._send(_Job(handoff, "reserve", None))
+        data, checksum = self.engine.read_kv(handoff.request_id, start, end)
+        num_tokens = min(num_computed, end * self.block_size) - start * self.block_size
+        self._send(_Job(handoff, "blocks", (start, data, num_tokens, checksum)))
+
+    # ---- sending (one thread per link) ----------------------------------------------------------
+
+    def _send(self, job: _Job) -> None:
+        link_id = job.handoff.link.link_id
+        with self._lock:
+            jobs = self._senders.get(link_id)
+            if jobs is None:
+                jobs = self._senders[link_id] = queue.Queue()
+                threading.Thread(
+                    target=self._sender, args=(jobs,), name=f"send-{link_id}", daemon=True
+                ).start()
+        jobs.put(job)
+
+    def _sender(self, jobs: queue.Queue[_Job | None]) -> None:
+        while (job := jobs.get()) is not None:
+            handoff = job.handoff
+            if handoff.done:
+                continue
+            try:
+                if job.kind == "reserve":
+                    self._reserve(handoff)
+                elif job.kind == "blocks":
+                    self._send_blocks(handoff, *job.payload)
+                else:
+                    self._commit(handoff, job.payload)
+            except (LinkError, grpc.RpcError) as exc:
+                if isinstance(exc, LinkError):
+                    self.links.drop(handoff.link)
+                message = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+                code = exc.code().name if isinstance(exc, grpc.RpcError) else "UNAVAILABLE"
+                self._fail(handoff, code, f"KV handoff to {handoff.decode.instance_id}: {message}")
+            except Exception as exc:  # a bug: fail this request, keep the thread
+                logger.exception("handoff of %s", handoff.request_id)
+                self._fail(handoff, "INTERNAL", f"KV handoff failed: {exc}")
+
+    def _reserve(self, handoff: Handoff) -> None:
+        """D.Reserve, retried with backoff while D is full, up to the reserve deadline."""
+        deadline = time.monotonic() + self.deadlines.reserve
+        wait = 0.05
+        while True:
+            try:
+                handoff.stub.Reserve(handoff.reservation, timeout=self.deadlines.commit)
+                handoff.reserved = True
+                if handoff.done:  # aborted while the reservation was on its way
+                    self._abort_peer(handoff)
+                return
+            except grpc.RpcError as exc:
+                full = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                if not full or time.monotonic() + wait > deadline or handoff.done:
+                    raise
+            time.sleep(wait)
+            wait = min(wait * 2, 1.0)
+
+    def _send_blocks(
+        self, handoff: Handoff, start: int, data: Any, num_tokens: int, crc: int
+    ) -> None:
+        link = handoff.link
+        tag = link.next_tag()
+        header = pb.BlocksHeader(
+            request_id=handoff.request_id,
+            link_id=link.link_id,
+            tag=tag,
+            start_block=start,
+            num_blocks=data.shape[1],
+            num_tokens=num_tokens,
+            checksum=crc,
+            shape=list(data.shape),
+            dtype=str(data.dtype).removeprefix("torch."),
+        )
+        if handoff.first_send is None:
+            handoff.first_send = time.perf_counter()
+        ack = handoff.stub.ReceiveBlocks.future(header, timeout=self.deadlines.transfer)
+        try:
+            link.send(data, tag, self.deadlines.transfer)
+        except LinkError:
+            ack.cancel()
+            raise
+        ack.result()
+        nbytes = data.numel() * data.element_size()
+        handoff.kv_bytes += nbytes
+        handoff.num_chunks += 1
+        with self._lock:
+            self.kv_bytes_sent += nbytes
+
+    def _commit(self, handoff: Handoff, output_token_ids: list[int]) -> None:
+        prompt_len = len(self.engine.requests[handoff.request_id].prompt_token_ids)
+        handoff.stub.Commit(
+            pb.CommitRequest(
+                request_id=handoff.request_id,
+                output_token_ids=output_token_ids,
+                num_kv_tokens=prompt_len + len(output_token_ids) - 1,
+            ),
+            timeout=self.deadlines.commit,
+        )
+        now = time.perf_counter()
+        seconds = now - (handoff.first_send or now)
+        tail = now - (handoff.first_token_time or now)
+        if not self._end(handoff, abort_peer=False):
+            return  # aborted meanwhile: _cancel told D
+        with self._lock:
+            self.handoffs_completed += 1
+            self.handoff_seconds_total += seconds
+        handoff.events.put(
+            pb.PrefillEvent(
+                handoff=pb.HandoffDone(
+                    decode_instance_id=handoff.decode.instance_id,
+                    kv_bytes=handoff.kv_bytes,
+                    seconds=seconds,
+                    tail_seconds=tail,
+                    num_chunks=handoff.num_chunks,
+                )
+            )
+        )
+
+    # ---- endings -------------------------------------------------------------------------------
+
+    def _end(self, handoff: Handoff, abort_peer: bool) -> bool:
+        """Frees the request here (once); tells D to drop it if asked. False if already ended."""
+        with self._lock:
+            if handoff.done:
+                return False
+            handoff.done = True
+            self._handoffs.pop(handoff.request_id, None)
+        self.loop.submit(self.engine.release, handoff.request_id)
+        if abort_peer and handoff.reserved:
+            threading.Thread(target=self._abort_peer, args=(handoff,), daemon=True).start()
+        return True
+
+    def _abort_peer(self, handoff: Handoff) -> None:
+        try:
+            handoff.stub.Abort(
+                pb.AbortRequest(request_id=handoff.request_id, reason="handoff abandoned"),
+                timeout=self.deadlines.commit,
+            )
+        except grpc.RpcError as exc:  # D is gone: its lease frees the blocks
+            logger.info("abort of %s on %s: %s", handoff.request_id, handoff.decode.address, exc)
+
+    def _fail(self, handoff: Handoff, code: str, message: str) -> None:
+        if self._end(handoff, abort_peer=True):
+            with self._lock:
+                self.handoffs_failed += 1
+            handoff.events.put(_failure(code, message))
+
+    def _cancel(self, handoff: Handoff, reason: str) -> None:
+        if self._end(handoff, abort_peer=True):
+            handoff.events.put(_failure("CANCELLED", reason))
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        with self._lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                stub = self._stubs[address] = worker_pb2_grpc.WorkerStub(channel(address))
+            return stub
+
+    def _open(self, stub: worker_pb2_grpc.WorkerStub, link_id: str, timeout: float) -> None:
+        request = pb.OpenLinkRequest(link_id=link_id, initiator=self.peer, timeout_seconds=timeout)
+        stub.OpenLink(request, timeout=timeout + 5)
+
+    def describe(self) -> dict[str, Any]:
+        return self.loop.call(self.engine.describe)
+
+    def stats(self, check_invariants: bool) -> dict[str, Any]:
+        stats = self.loop.call(self.engine.stats, check_invariants)
+        with self._lock:
+            stats.update(
+                handoffs_completed=self.handoffs_completed,
+                handoffs_failed=self.handoffs_failed,
+                kv_bytes_sent=self.kv_bytes_sent,
+                handoff_seconds_total=self.handoff_seconds_total,
+                steps=self.loop.num_steps,
+                links=link_stats(self.links),
+            )
+        return stats
+
+
+def _failure(code: str, message: str) -> pb.PrefillEvent:
+    return pb.PrefillEvent(failure=pb.Failure(code=code, message=message))

@@ -1,0 +1,91 @@
+"""One request's token stream on the router: puts the workers' deltas back in order.
+
+A request's tokens come from two places: the prefill instance's first token and the
+decode instance's Subscribe stream, which may be read first. A delta covers the
+half-open range of output positions
+
+    [delta.index, delta.index + len(delta.token_ids))
+
+so the stream holds each delta until every position before it has been released:
+
+    push(delta) ──▶ pending (heap by index) ──▶ ready, in order ──▶ get()
+
+The stream closes after it releases a finished delta, or at once on fail(); after
+that, pushes are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+
+from proto.tandem.internal.v1 import worker_pb2
+
+
+class RequestStream:
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._next_index = 0  # the first output position not yet released
+        self._pending: list[tuple[int, int, worker_pb2.TokenDelta]] = []  # (index, seq, delta)
+        self._num_pushed = 0
+        self._ready: asyncio.Queue[worker_pb2.TokenDelta] = asyncio.Queue()
+        self._closed = False
+        self._finished_by_worker = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def needs_abort(self) -> bool:
+        """True until a worker has finished the request: the workers may still hold it."""
+        return not self._finished_by_worker
+
+    def push(self, delta: worker_pb2.TokenDelta) -> None:
+        if self._closed:
+            return
+        self._num_pushed += 1
+        heapq.heappush(self._pending, (delta.index, self._num_pushed, delta))
+        self._release_in_order()
+
+    def fail(self, message: str) -> None:
+        """End the stream now with an error delta (the router's, not a worker's)."""
+        if self._closed:
+            return
+        error = worker_pb2.TokenDelta(
+            request_id=self.request_id,
+            index=self._next_index,
+            finished=True,
+            finish_reason="error",
+            error=message,
+        )
+        self._ready.put_nowait(error)
+        self._close()
+
+    async def get(self) -> worker_pb2.TokenDelta:
+        return await self._ready.get()
+
+    def check_invariants(self) -> None:
+        assert all(index >= self._next_index for index, _, _ in self._pending), self._pending
+        if self._pending:
+            assert self._pending[0][0] > self._next_index, "a releasable delta is held back"
+        if self._closed:
+            assert not self._pending, "a closed stream holds deltas"
+
+    def _release_in_order(self) -> None:
+        while self._pending and not self._closed:
+            index, _, delta = self._pending[0]
+            if index > self._next_index:
+                return
+            heapq.heappop(self._pending)
+            if index < self._next_index:
+                continue  # repeats positions already released: a duplicate
+            self._next_index += len(delta.token_ids)
+            self._ready.put_nowait(delta)
+            if delta.finished:
+                self._finished_by_worker = True
+                self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._pending.clear()

@@ -1,0 +1,100 @@
+"""Colocated mode gives the same tokens; a decode worker killed mid-transfer loses nothing.
+
+Both use the local-process launcher (the path for machines without Ray).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from cluster.deployment import Deployment, DeploymentOptions
+from cluster.launcher import LocalLauncher
+from tests.integration.serving import RouterThread, complete, wait_all_free, worker_status
+
+MAX_TOKENS = 32
+
+
+def test_colocated_greedy_matches_transformers(prompts, reference_outputs):
+    deployment = Deployment(DeploymentOptions(mode="colocated", dtype="float32", launcher="local"))
+    try:
+        addresses = deployment.start()
+        with RouterThread(addresses) as router:
+            results: dict[int, list[int]] = {}
+
+            def run(i: int) -> None:
+                body = complete(router.url, prompts[i], MAX_TOKENS, return_token_ids=True)
+                results[i] = body["choices"][0]["token_ids"]
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for i, reference in enumerate(reference_outputs):
+                assert results[i] == reference, f"prompt {i} ({len(prompts[i])} tokens)"
+            (status,) = wait_all_free(addresses)
+            assert status.num_free_blocks == status.num_blocks
+            assert status.invariants_error == ""
+    finally:
+        deployment.stop()
+
+
+def test_decode_worker_killed_mid_transfer(prompts):
+    """The prefill side frees its blocks, the client gets a clear error, and once a
+    decode worker is back on the same address the next request succeeds."""
+    options = DeploymentOptions(
+        dtype="float32",
+        launcher="local",
+        max_num_batched_tokens=128,  # a 1,500-token prompt goes out in 12 chunks
+        deadlines={"transfer": 5.0, "commit": 5.0, "reserve": 5.0},
+    )
+    deployment = Deployment(options)
+    try:
+        specs = options.worker_specs("")
+        deployment.start()
+        prefill, decode = deployment.workers
+        assert isinstance(deployment.launcher, LocalLauncher)
+        with RouterThread(deployment.addresses) as router:
+            result: dict[str, httpx.Response] = {}
+
+            def long_request() -> None:
+                body = {"prompt": prompts[-1], "max_tokens": 8, "temperature": 0.0}
+                result["r"] = httpx.post(f"{router.url}/v1/completions", json=body, timeout=120)
+
+            thread = threading.Thread(target=long_request)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while worker_status(prefill.address, False).kv_bytes_sent == 0:
+                assert time.monotonic() < deadline, "no KV was ever sent"
+                time.sleep(0.02)
+            decode.kill()  # mid-transfer: the first chunks are out, the rest are not
+            thread.join(60)
+            response = result["r"]
+            assert response.status_code >= 500, response.text
+            message = response.json()["error"]["message"]
+            assert "decode" in message.lower() or "handoff" in message.lower(), message
+
+            (status,) = wait_all_free([prefill.address], timeout=30)
+            assert status.num_free_blocks == status.num_blocks
+            assert status.invariants_error == ""
+
+            # A decode worker comes back on the same address; the router reconnects.
+            spec = specs[1]
+            spec.store_address = deployment.store_address
+            spec.port = int(decode.address.rsplit(":", 1)[1])
+            deployment.launcher.start([spec])
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    body = complete(router.url, prompts[4], 8)
+                    break
+                except AssertionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+            assert body["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        deployment.stop()
