@@ -85,3 +85,49 @@ def test_garbage_in_the_unfilled_tail_does_not_matter(engines, prompts):
     dest.abort_request(rid)
     dest.step()
     assert dest.kv.pool.num_used_blocks == 0
+
+
+def test_chunk_by_chunk_handoff_matches_one_engine(engines, prompts):
+    """The prefill worker's path: blocks read as each chunk finishes, written into a
+    reservation, committed with the first token; the sender's copy is held, then released."""
+    source, dest = engines
+    prompt = prompts[11]  # 490 tokens: 8 chunks of 64
+    expected = run_to_end(source, source.add_request(prompt, PARAMS))
+    rid = source.add_request(prompt, PARAMS, request_id="handoff-1", hold_after_prefill=True)
+    dest.reserve(rid, prompt, PARAMS, len(prompt), source.layout())
+    sent, first = 0, None
+    while first is None:
+        for out in source.step():
+            assert not out.finished
+            first = out.token_ids
+        request = source.requests[rid]
+        end = -(-request.num_computed_tokens // 16) if first else request.num_computed_tokens // 16
+        if end > sent:
+            data, checksum = source.read_kv(rid, sent, end)
+            num_tokens = min(request.num_computed_tokens, end * 16) - sent * 16
+            dest.write_kv(rid, sent, data, num_tokens, checksum)
+            sent = end
+        source.check_invariants()
+        dest.check_invariants()
+    assert source.requests[rid].status.name == "HELD" and not source.has_pending_steps()
+    dest.commit(rid, first, len(prompt))
+    source.release(rid)
+    assert source.kv.pool.num_used_blocks == 0
+    assert run_to_end(dest, rid) == expected
+    dest.check_invariants()
+    assert dest.kv.pool.num_used_blocks == 0
+
+
+def test_an_abandoned_reservation_frees_its_blocks(engines, prompts):
+    _, dest = engines
+    num_blocks = dest.reserve("r-1", prompts[8], PARAMS, len(prompts[8]), dest.layout())
+    assert num_blocks == -(-len(prompts[8]) // 16) and dest.kv.pool.num_used_blocks == num_blocks
+    with pytest.raises(KVImportError, match="no reservation"):
+        dest.commit("r-2", [1], len(prompts[8]))
+    with pytest.raises(KVImportError, match="checksum"):
+        shape = (30, 1, *dest.kv_cache.layers[0].shape[1:])
+        dest.write_kv("r-1", 0, torch.zeros(shape), 16, checksum=12345)
+    dest.abort_request("r-1")
+    dest.step()
+    dest.check_invariants()
+    assert dest.kv.pool.num_used_blocks == 0 and not dest.has_unfinished_requests()
