@@ -3,7 +3,8 @@
 One request's handoff, with the deadline of each state:
 
     Prefill RPC ─▶ link to D (connect) ─▶ queued, then prefilled chunk by chunk
-    first chunk done ─▶ D.Reserve (retried while D has no room, up to `reserve`)
+    D.Reserve (retried while D has no room, up to `reserve`): at once if the prompt
+        runs in the next step, else when its first chunk is done
     every engine step: the blocks that step filled ─▶ D.ReceiveBlocks + bytes on the link
                                                       (transfer_timeout per chunk)
     first token sampled ─▶ streamed to the router at once; the request is HELD
@@ -65,6 +66,7 @@ class Handoff:
     reservation: pb.ReserveRequest  # sent to D when the first blocks are ready
     events: queue.Queue[pb.PrefillEvent] = field(default_factory=queue.Queue)
     blocks_queued: int = 0  # blocks handed to the sender so far
+    reserve_queued: bool = False
     reserved: bool = False  # D holds blocks for it (so an ending must tell D)
     final_queued: bool = False
     done: bool = False  # committed, failed or aborted: nothing more is sent
@@ -145,13 +147,7 @@ class PrefillService(WorkerServicer):
             self._handoffs[request_id] = handoff
         context.add_callback(lambda: self._cancel(handoff, "the router went away"))
         try:
-            self.loop.call(
-                self.engine.add_request,
-                list(request.prompt_token_ids),
-                params,
-                request_id=request_id,
-                hold_after_prefill=True,
-            )
+            self.loop.call(self._admit, handoff, list(request.prompt_token_ids), params)
         except InvalidRequestError as exc:
             self._end(handoff, abort_peer=True)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -162,6 +158,18 @@ class PrefillService(WorkerServicer):
                 return
             if event.first_token.finished:
                 return
+
+    def _admit(self, handoff: Handoff, prompt: list[int], params: SamplingParams) -> None:
+        """Queues the prompt (loop thread). If it will run in the next step, D is asked
+        for room now, so the reservation is not on the first token's path; behind a
+        longer queue it waits for the first chunk, so queued prompts hold no blocks on D."""
+        queued = self.engine.stats()["num_queued_prefill_tokens"]
+        self.engine.add_request(
+            prompt, params, request_id=handoff.request_id, hold_after_prefill=True
+        )
+        if queued < self.engine.config.max_num_batched_tokens:
+            handoff.reserve_queued = True
+            self._send(_Job(handoff, "reserve", None))
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         with self._lock:
@@ -214,7 +222,8 @@ class PrefillService(WorkerServicer):
         if end <= handoff.blocks_queued:
             return
         start, handoff.blocks_queued = handoff.blocks_queued, end
-        if start == 0:
+        if not handoff.reserve_queued:
+            handoff.reserve_queued = True
             self._send(_Job(handoff, "reserve", None))
         data, checksum = self.engine.read_kv(handoff.request_id, start, end)
         num_tokens = min(num_computed, end * self.block_size) - start * self.block_size
