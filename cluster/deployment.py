@@ -39,7 +39,9 @@ class DeploymentOptions:
     kv_cache_memory_bytes: int = 1 << 30
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
-    pack: bool = False  # Ray: all workers in one placement group on one node
+    # Ray: all workers in one STRICT_PACK placement group, on one node. None: pack when
+    # Ray runs on this machine alone (no ray_address), so the workers share its cores.
+    pack: bool | None = None
     deadlines: dict[str, float] = field(default_factory=dict)
     start_timeout: float = 600.0
 
@@ -103,7 +105,8 @@ class Deployment:
             from cluster.launcher import RayLauncher
 
             self.launcher = RayLauncher(options.ray_address)
-            self.workers = self.launcher.start(specs, options.start_timeout, pack=options.pack)
+            pack = options.pack if options.pack is not None else options.ray_address is None
+            self.workers = self.launcher.start(specs, options.start_timeout, pack=pack)
         else:
             from cluster.launcher import LocalLauncher
 

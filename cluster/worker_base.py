@@ -36,18 +36,28 @@ def layout_message(layout: dict[str, Any]) -> pb.KVLayout:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Subclasses set `engine` (an LLMEngine), `loop` (its EngineLoop) and `links` (a
+    LinkManager), and report their own handoff counters from `counters()`."""
+
     role = "worker"
+    engine: Any
+    loop: Any
+    links: Any
 
     def __init__(self, instance_id: str, address: str = "") -> None:
         self.instance_id = instance_id
         self.address = address
 
-    # Subclasses provide these.
-    def describe(self) -> dict[str, Any]:
+    def counters(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def describe(self) -> dict[str, Any]:
+        return dict(self.loop.call(self.engine.describe))
+
     def stats(self, check_invariants: bool) -> dict[str, Any]:
-        raise NotImplementedError
+        stats: dict[str, Any] = self.loop.call(self.engine.stats, check_invariants)
+        stats.update(self.counters(), steps=self.loop.num_steps, links=link_stats(self.links))
+        return stats
 
     @property
     def peer(self) -> pb.Peer:

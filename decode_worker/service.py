@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import torch
 
-from cluster.worker_base import WorkerServicer, delta_message, link_stats, sampling_params
+from cluster.worker_base import WorkerServicer, delta_message, sampling_params
 from engine.engine import LLMEngine
 from engine.errors import InvalidRequestError, KVImportError
 from engine.kv.kv_cache import KVBlockMeta
@@ -263,17 +263,10 @@ class DecodeService(WorkerServicer):
 
     # ---- Info and Status ---------------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
-        return self.loop.call(self.engine.describe)
-
-    def stats(self, check_invariants: bool) -> dict[str, Any]:
-        stats = self.loop.call(self.engine.stats, check_invariants)
+    def counters(self) -> dict[str, Any]:
         with self._lock:
-            stats.update(
-                handoffs_completed=self.handoffs_completed,
-                handoffs_failed=self.handoffs_failed,
-                kv_bytes_received=self.kv_bytes_received,
-                steps=self.loop.num_steps,
-                links=link_stats(self.links),
-            )
-        return stats
+            return {
+                "handoffs_completed": self.handoffs_completed,
+                "handoffs_failed": self.handoffs_failed,
+                "kv_bytes_received": self.kv_bytes_received,
+            }

@@ -5,7 +5,8 @@
 The scheduler decides who runs (and never touches tensors); the model runner
 turns its decision into tensors (and decides nothing); update() appends the
 sampled tokens, detokenizes, applies the stop conditions and frees finished
-requests. KV export/import for handoff and migration sit beside the loop.
+requests. KV export/import for handoff and migration (engine/handoff.py) sit
+beside the loop.
 """
 
 from __future__ import annotations
@@ -21,15 +22,12 @@ from engine import envs
 from engine.attention import get_backend
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import InvalidRequestError, KVImportError
+from engine.errors import InvalidRequestError
+from engine.handoff import KVTransferMixin
 from engine.kv.cache_manager import KVCacheManager
 from engine.kv.kv_cache import (
     LAYOUT_FIELDS,
-    KVBlockMeta,
     PagedKVCache,
-    check_import,
-    check_layout,
-    kv_checksum,
 )
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_model, read_model_config
@@ -42,7 +40,7 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from engine.tokenizer import load_tokenizer
 
 
-class LLMEngine:
+class LLMEngine(KVTransferMixin):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._init_threads()
@@ -264,159 +262,6 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens,
         )
 
-    # ---- KV export and import (handoff, migration) ----------------------------------------
-
-    def _layout(self, num_tokens: int, block_ids: list[int], checksum: int) -> KVBlockMeta:
-        cfg = self.model_config
-        return KVBlockMeta(
-            model_id=self.model_id,
-            dtype=self.config.dtype,
-            block_size=self.config.block_size,
-            num_layers=cfg.num_layers,
-            num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
-            num_tokens=num_tokens,
-            block_ids=block_ids,
-            checksum=checksum,
-        )
-
-    def export_kv(self, request_id: str) -> tuple[KVBlockMeta, torch.Tensor]:
-        """The computed blocks of a running or held request, with their metadata."""
-        request = self.requests[request_id]
-        num_tokens = request.num_computed_tokens
-        block_ids = request.block_ids[: self.kv.blocks_for(num_tokens)]
-        data, checksum = self.read_kv(request_id, 0, len(block_ids))
-        return self._layout(num_tokens, block_ids, checksum), data
-
-    def read_kv(self, request_id: str, start: int, end: int) -> tuple[torch.Tensor, int]:
-        """Blocks [start, end) of a request's computed KV, and the CRC-32 of their filled slots."""
-        request = self.requests[request_id]
-        if not 0 <= start < end <= self.kv.blocks_for(request.num_computed_tokens):
-            raise KVImportError(
-                f"blocks [{start}, {end}) of request {request_id} are not computed: it has "
-                f"{request.num_computed_tokens} tokens in the cache"
-            )
-        data = self.kv_cache.read_blocks(request.block_ids[start:end])
-        num_tokens = min(request.num_computed_tokens, end * self.kv.block_size)
-        return data, kv_checksum(data, num_tokens - start * self.kv.block_size)
-
-    def release(self, request_id: str) -> None:
-        """Frees a held request once its KV lives elsewhere; no output is produced."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
-            return
-        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-        del self._detokenizers[request_id]
-
-    def layout(self) -> KVBlockMeta:
-        """This engine's KV layout (the token and block fields empty)."""
-        return self._layout(0, [], 0)
-
-    def reserve(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        num_kv_tokens: int,
-        layout: KVBlockMeta,
-    ) -> int:
-        """Allocates blocks for a request whose KV will arrive; returns how many.
-
-        The request is RESERVED until `commit` (or `abort_request`).
-        """
-        check_layout(layout, self.layout())
-        request = self._new_request(list(prompt_token_ids), params, request_id)
-        if not 0 < num_kv_tokens < self.max_model_len:
-            self._drop(request)
-            raise KVImportError(f"cannot reserve KV for {num_kv_tokens} tokens")
-        if not self.scheduler.reserve(request, num_kv_tokens):
-            self._drop(request)
-            raise KVImportError(
-                f"no room: {self.kv.blocks_for(num_kv_tokens)} blocks asked, "
-                f"{self.kv.pool.num_free_blocks} free, "
-                f"{self.scheduler.num_unfinished} of {self.scheduler.max_num_seqs} requests"
-            )
-        return len(request.block_ids)
-
-    def write_kv(
-        self, request_id: str, start: int, data: torch.Tensor, num_tokens: int, checksum: int
-    ) -> None:
-        """Writes arriving blocks [start, start + n) of a reserved request, checksum first."""
-        request = self._reserved(request_id)
-        end = start + data.shape[1]
-        if start < 0 or end > len(request.block_ids):
-            raise KVImportError(
-                f"blocks [{start}, {end}) fall outside the {len(request.block_ids)} reserved"
-            )
-        expected = self.kv_cache.layers[0].shape[1:]
-        if tuple(data.shape[2:]) != tuple(expected) or data.shape[0] != len(self.kv_cache.layers):
-            raise KVImportError(f"KV blocks of shape {tuple(data.shape)} do not fit this cache")
-        if kv_checksum(data, num_tokens) != checksum:
-            raise KVImportError("KV blocks failed their checksum: the transfer corrupted them")
-        self.kv_cache.write_blocks(request.block_ids[start:end], data)
-
-    def commit(self, request_id: str, output_token_ids: list[int], num_kv_tokens: int) -> None:
-        """The reserved request's KV is complete: it joins the running batch.
-
-        `output_token_ids` are the tokens generated elsewhere (at least the first).
-        Text the sender already emitted for them is not emitted again.
-        """
-        request = self._reserved(request_id)
-        if not output_token_ids:
-            raise KVImportError("a request handed over needs its first output token")
-        if num_kv_tokens != request.num_prompt_tokens + len(output_token_ids) - 1:
-            raise KVImportError(
-                f"KV holds {num_kv_tokens} tokens, the request "
-                f"{request.num_prompt_tokens + len(output_token_ids) - 1}"
-            )
-        if self.kv.blocks_for(num_kv_tokens) > len(request.block_ids):
-            raise KVImportError(
-                f"{num_kv_tokens} tokens need more than the "
-                f"{len(request.block_ids)} blocks reserved"
-            )
-        detokenizer = self._detokenizers[request_id]
-        for token_id in output_token_ids:
-            request.append_token(token_id)
-            detokenizer.add(token_id)
-        detokenizer.emittable(False)  # what the sender streamed already
-        self.scheduler.commit(request, num_kv_tokens)
-        self.kv.cache_computed_blocks(request)
-
-    def _reserved(self, request_id: str) -> Request:
-        request = self.requests.get(request_id)
-        if request is None or request.status != RequestStatus.RESERVED:
-            raise KVImportError(f"request {request_id!r} has no reservation here")
-        return request
-
-    def import_request(
-        self,
-        prompt_token_ids: list[int],
-        output_token_ids: list[int],
-        params: SamplingParams,
-        meta: KVBlockMeta,
-        data: torch.Tensor,
-        request_id: str | None = None,
-    ) -> str:
-        """Adds a request whose KV (all tokens but the last) was computed elsewhere.
-
-        reserve + write_kv + commit in one call. It joins the running batch and
-        decodes from the next step on; on any error nothing is left allocated.
-        """
-        if not output_token_ids:
-            raise KVImportError("an imported request needs its first output token")
-        check_import(meta, self._layout(meta.num_tokens, meta.block_ids, meta.checksum), data)
-        if request_id is None:
-            request_id = str(next(self._next_id))
-        self.reserve(request_id, prompt_token_ids, params, meta.num_tokens, meta)
-        try:
-            self.write_kv(request_id, 0, data, meta.num_tokens, meta.checksum)
-            self.commit(request_id, list(output_token_ids), meta.num_tokens)
-        except Exception:
-            self.abort_request(request_id)
-            self._aborted.pop()
-            raise
-        return request_id
-
     def _drop(self, request: Request) -> None:
         del self.requests[request.request_id], self._detokenizers[request.request_id]
 
@@ -444,6 +289,13 @@ class LLMEngine:
             "num_blocks": self.kv.pool.num_blocks,
         }
 
+    def num_queued_prefill_tokens(self) -> int:
+        """Prompt tokens not yet computed, waiting or mid-prefill."""
+        scheduler = self.scheduler
+        return sum(r.num_tokens for r in scheduler.waiting) + sum(
+            r.num_tokens - r.num_computed_tokens for r in scheduler.running
+        )
+
     def stats(self, check_invariants: bool = False) -> dict[str, Any]:
         """Load and health: blocks, queue lengths, and the invariants if asked."""
         scheduler = self.scheduler
@@ -460,7 +312,6 @@ class LLMEngine:
             "num_running": len(scheduler.running),
             "num_reserved": len(scheduler.reserved),
             "num_held": len(scheduler.held),
-            "num_queued_prefill_tokens": sum(r.num_tokens for r in scheduler.waiting)
-            + sum(r.num_tokens - r.num_computed_tokens for r in scheduler.running),
+            "num_queued_prefill_tokens": self.num_queued_prefill_tokens(),
             "invariants_error": error,
         }

@@ -34,7 +34,6 @@ from cluster.worker_base import (
     channel,
     delta_message,
     layout_message,
-    link_stats,
     sampling_params,
 )
 from engine.engine import LLMEngine
@@ -163,7 +162,7 @@ class PrefillService(WorkerServicer):
         """Queues the prompt (loop thread). If it will run in the next step, D is asked
         for room now, so the reservation is not on the first token's path; behind a
         longer queue it waits for the first chunk, so queued prompts hold no blocks on D."""
-        queued = self.engine.stats()["num_queued_prefill_tokens"]
+        queued = self.engine.num_queued_prefill_tokens()
         self.engine.add_request(
             prompt, params, request_id=handoff.request_id, hold_after_prefill=True
         )
@@ -389,21 +388,14 @@ class PrefillService(WorkerServicer):
         request = pb.OpenLinkRequest(link_id=link_id, initiator=self.peer, timeout_seconds=timeout)
         stub.OpenLink(request, timeout=timeout + 5)
 
-    def describe(self) -> dict[str, Any]:
-        return self.loop.call(self.engine.describe)
-
-    def stats(self, check_invariants: bool) -> dict[str, Any]:
-        stats = self.loop.call(self.engine.stats, check_invariants)
+    def counters(self) -> dict[str, Any]:
         with self._lock:
-            stats.update(
-                handoffs_completed=self.handoffs_completed,
-                handoffs_failed=self.handoffs_failed,
-                kv_bytes_sent=self.kv_bytes_sent,
-                handoff_seconds_total=self.handoff_seconds_total,
-                steps=self.loop.num_steps,
-                links=link_stats(self.links),
-            )
-        return stats
+            return {
+                "handoffs_completed": self.handoffs_completed,
+                "handoffs_failed": self.handoffs_failed,
+                "kv_bytes_sent": self.kv_bytes_sent,
+                "handoff_seconds_total": self.handoff_seconds_total,
+            }
 
 
 def _failure(code: str, message: str) -> pb.PrefillEvent:

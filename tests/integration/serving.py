@@ -92,3 +92,19 @@ def complete(url: str, prompt: Any, max_tokens: int, **fields: Any) -> dict[str,
     response = httpx.post(f"{url}/v1/completions", json={**body, **fields}, timeout=600)
     assert response.status_code == 200, response.text
     return dict(response.json())
+
+
+def greedy_token_ids(url: str, prompts: Sequence[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy completions of every prompt, sent concurrently (so they share batches)."""
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        body = complete(url, prompts[i], max_tokens, return_token_ids=True)
+        results[i] = body["choices"][0]["token_ids"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [results.get(i, []) for i in range(len(prompts))]

@@ -12,7 +12,13 @@ import httpx
 
 from cluster.deployment import Deployment, DeploymentOptions
 from cluster.launcher import LocalLauncher
-from tests.integration.serving import RouterThread, complete, wait_all_free, worker_status
+from tests.integration.serving import (
+    RouterThread,
+    complete,
+    greedy_token_ids,
+    wait_all_free,
+    worker_status,
+)
 
 MAX_TOKENS = 32
 
@@ -22,17 +28,7 @@ def test_colocated_greedy_matches_transformers(prompts, reference_outputs):
     try:
         addresses = deployment.start()
         with RouterThread(addresses) as router:
-            results: dict[int, list[int]] = {}
-
-            def run(i: int) -> None:
-                body = complete(router.url, prompts[i], MAX_TOKENS, return_token_ids=True)
-                results[i] = body["choices"][0]["token_ids"]
-
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            results = greedy_token_ids(router.url, prompts, MAX_TOKENS)
             for i, reference in enumerate(reference_outputs):
                 assert results[i] == reference, f"prompt {i} ({len(prompts[i])} tokens)"
             (status,) = wait_all_free(addresses)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from proto.tandem.v1 import tandem_pb2, tandem_pb2_grpc
-from tests.integration.serving import complete, free_port
+from tests.integration.serving import complete, free_port, greedy_token_ids
 
 MAX_TOKENS = 32
 
@@ -70,17 +70,7 @@ def server():
 
 def test_disaggregated_greedy_matches_transformers(server, prompts, reference_outputs):
     url, _ = server
-    results: dict[int, list[int]] = {}
-
-    def run(i: int) -> None:
-        body = complete(url, prompts[i], MAX_TOKENS, return_token_ids=True)
-        results[i] = body["choices"][0]["token_ids"]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = greedy_token_ids(url, prompts, MAX_TOKENS)
     for i, reference in enumerate(reference_outputs):
         assert results[i] == reference, f"prompt {i} ({len(prompts[i])} tokens)"
 
