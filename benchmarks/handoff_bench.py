@@ -47,8 +47,12 @@ from proto.tandem.internal.v1 import worker_pb2_grpc
 # ---- handoff as a share of TTFT --------------------------------------------------------------
 
 
-def measure_handoff(dtype: str, lengths: list[int], repeats: int) -> list[dict[str, Any]]:
-    deployment = Deployment(DeploymentOptions(dtype=dtype, launcher="local"))
+def measure_handoff(
+    dtype: str, lengths: list[int], repeats: int, layer_groups: int
+) -> list[dict[str, Any]]:
+    deployment = Deployment(
+        DeploymentOptions(dtype=dtype, launcher="local", kv_layer_groups=layer_groups)
+    )
     deployment.start()
     try:
         prefill, decode = deployment.workers
@@ -100,6 +104,7 @@ def measure_handoff(dtype: str, lengths: list[int], repeats: int) -> list[dict[s
             ttft_s = statistics.median(s[0] for s in samples)
             tail_s = statistics.median(s[2] for s in samples)
             row = {
+                "layer_groups": layer_groups,
                 "prompt_tokens": length,
                 "ttft_s": ttft_s,
                 "transfer_s": statistics.median(s[1] for s in samples),
@@ -111,7 +116,7 @@ def measure_handoff(dtype: str, lengths: list[int], repeats: int) -> list[dict[s
             }
             rows.append(row)
             print(
-                f"{length:6d} tokens  TTFT {ttft_s * 1e3:8.1f} ms"
+                f"{layer_groups:2d} groups {length:6d} tokens  TTFT {ttft_s * 1e3:8.1f} ms"
                 f"  transfer {row['transfer_s'] * 1e3:7.1f} ms"
                 f"  tail {tail_s * 1e3:6.1f} ms = {row['tail_pct_of_ttft']:.2f}% of TTFT"
                 f"  ({row['kv_bytes'] / 1e6:.1f} MB in {row['chunks']} chunks)",
@@ -208,13 +213,24 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--layer-groups",
+        type=int,
+        nargs="+",
+        default=[1, 3],
+        help="kv_layer_groups settings to compare (1: the final chunk's KV leaves in one piece)",
+    )
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "handoff.json")
     args = parser.parse_args()
     os.environ.setdefault("TANDEM_NUM_THREADS", "1")
     warn_if_busy()
     print("== KV handoff vs TTFT (1 prefill + 1 decode worker, one core each)", flush=True)
-    handoff = measure_handoff(args.dtype, args.lengths, args.repeats)
+    handoff = [
+        row
+        for groups in args.layer_groups
+        for row in measure_handoff(args.dtype, args.lengths, args.repeats, groups)
+    ]
     print("== KV link vs raw torch.distributed send/recv (gloo, loopback)", flush=True)
     link = measure_link([int(mb * 1e6) // 2 * 2 for mb in args.sizes_mb], args.repeats)
     write_json(

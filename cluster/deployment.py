@@ -43,6 +43,9 @@ class DeploymentOptions:
     # Ray runs on this machine alone (no ray_address), so the workers share its cores.
     pack: bool | None = None
     deadlines: dict[str, float] = field(default_factory=dict)
+    # Prefill: a prompt's final chunk ships its KV in this many groups of layers while
+    # the step computes, so only the last group is left once the first token is out.
+    kv_layer_groups: int = 3
     start_timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -50,6 +53,8 @@ class DeploymentOptions:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.kv_layer_groups < 1:
+            raise ValueError("kv_layer_groups must be at least 1")
         if self.decode_instances < 1:
             raise ValueError("--decode-instances must be at least 1")
         if self.mode == "disaggregated" and self.prefill_instances < 1:
@@ -74,7 +79,13 @@ class DeploymentOptions:
                 for i in range(self.decode_instances)
             ]
         prefill = [
-            WorkerSpec(f"prefill-{i}", "prefill", deadlines=dict(self.deadlines), **common)
+            WorkerSpec(
+                f"prefill-{i}",
+                "prefill",
+                deadlines=dict(self.deadlines),
+                kv_layer_groups=self.kv_layer_groups,
+                **common,
+            )
             for i in range(self.prefill_instances)
         ]
         decode = [

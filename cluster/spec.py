@@ -33,6 +33,7 @@ class WorkerSpec:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
     deadlines: dict[str, float] = field(default_factory=dict)  # prefill: reserve/transfer/...
+    kv_layer_groups: int = 3  # prefill: the final chunk's KV leaves in this many layer groups
     node: str | None = None  # Ray: a custom resource name that pins the worker to a node
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ module needs no model code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -55,8 +56,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return dict(self.loop.call(self.engine.describe))
 
     def stats(self, check_invariants: bool) -> dict[str, Any]:
+        """The engine's stats, this worker's counters, its links and recent step samples:
+        the fields of InstanceStatus, links and step_samples as lists of dicts."""
         stats: dict[str, Any] = self.loop.call(self.engine.stats, check_invariants)
-        stats.update(self.counters(), steps=self.loop.num_steps, links=link_stats(self.links))
+        stats.update(
+            self.counters(),
+            steps=self.loop.num_steps,
+            links=link_stats(self.links),
+            step_samples=[dataclasses.asdict(s) for s in self.loop.step_samples()],
+        )
         return stats
 
     @property
@@ -81,7 +89,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.InstanceStatus:
         stats = self.stats(request.check_invariants)
         links = [pb.LinkStats(**link) for link in stats.pop("links", [])]
-        return pb.InstanceStatus(instance_id=self.instance_id, role=self.role, links=links, **stats)
+        samples = [pb.StepSample(**sample) for sample in stats.pop("step_samples", [])]
+        return pb.InstanceStatus(
+            instance_id=self.instance_id,
+            role=self.role,
+            links=links,
+            step_samples=samples,
+            **stats,
+        )
 
 
 def start_server(servicer: WorkerServicer, host: str, port: int, max_workers: int = 64) -> int:

@@ -195,8 +195,8 @@ class DecodeService(WorkerServicer):
                 request_id,
                 header.start_block,
                 buffer,
-                header.num_tokens,
                 header.checksum,
+                header.layer_start,
             )
         except KVImportError as exc:
             self._fail(request_id, str(exc))

@@ -12,8 +12,9 @@ beside the loop.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +40,8 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.tokenizer import load_tokenizer
 
+logger = logging.getLogger(__name__)
+
 
 class LLMEngine(KVTransferMixin):
     def __init__(self, config: EngineConfig) -> None:
@@ -52,6 +55,10 @@ class LLMEngine(KVTransferMixin):
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._aborted: list[RequestOutput] = []
         self._next_id = itertools.count()
+        self.last_batch = SchedulerOutput()  # what the latest step() ran, for step samples
+        # Called on the loop thread as each layer of a step finishes writing its KV:
+        # a prefill worker ships the final chunk layer by layer while the rest computes.
+        self.layer_listener: Callable[[SchedulerOutput, int], None] | None = None
 
     def _init_threads(self) -> None:
         torch.set_num_threads(self.config.num_threads or envs.num_threads() or os.cpu_count() or 1)
@@ -182,14 +189,26 @@ class LLMEngine(KVTransferMixin):
     # ---- the step loop -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        batch = self.last_batch = self.scheduler.schedule()
         outputs, self._aborted = self._aborted, []
         if batch.is_empty:
             return outputs
-        logits = self.runner.execute(batch)
-        sampled = self.sampler(
-            logits, [self.requests[s.request_id] for s in batch.scheduled if s.sample]
-        )
+        listener = self.layer_listener
+        try:
+            logits = self.runner.execute(
+                batch, None if listener is None else lambda layer: listener(batch, layer)
+            )
+            sampled = self.sampler(
+                logits, [self.requests[s.request_id] for s in batch.scheduled if s.sample]
+            )
+        except Exception:
+            # A failed step must not strand its requests: they end as aborted (their
+            # blocks freed) and the engine goes on serving the others.
+            logger.exception("a step of %d requests failed; aborting them", len(batch.scheduled))
+            for item in batch.scheduled:
+                self.abort_request(item.request_id)
+            failed, self._aborted = self._aborted, []
+            return outputs + failed
         return outputs + self._update(batch, sampled)
 
     def _update(self, batch: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
@@ -297,7 +316,8 @@ class LLMEngine(KVTransferMixin):
         )
 
     def stats(self, check_invariants: bool = False) -> dict[str, Any]:
-        """Load and health: blocks, queue lengths, and the invariants if asked."""
+        """Load and health: blocks, queue lengths, limits, prefix-cache counters (tokens,
+        cumulative) and the invariants if asked."""
         scheduler = self.scheduler
         error = ""
         if check_invariants:
@@ -313,5 +333,9 @@ class LLMEngine(KVTransferMixin):
             "num_reserved": len(scheduler.reserved),
             "num_held": len(scheduler.held),
             "num_queued_prefill_tokens": self.num_queued_prefill_tokens(),
+            "prefix_cache_queries": self.kv.num_prefix_queries,
+            "prefix_cache_hits": self.kv.num_prefix_hits,
+            "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+            "max_num_seqs": scheduler.max_num_seqs,
             "invariants_error": error,
         }

@@ -75,17 +75,28 @@ class KVTransferMixin:
         data, checksum = self.read_kv(request_id, 0, len(block_ids))
         return self._layout(num_tokens, block_ids, checksum), data
 
-    def read_kv(self, request_id: str, start: int, end: int) -> tuple[torch.Tensor, int]:
-        """Blocks [start, end) of a request's computed KV, and the CRC-32 of their filled slots."""
+    def read_kv(
+        self, request_id: str, start: int, end: int, layers: range | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """Blocks [start, end) of a request's KV, and their CRC-32.
+
+        Without `layers`, all layers of blocks already computed. With `layers`, those
+        layers of any of the request's blocks: for a layer listener (see LLMEngine.step)
+        that reads the layers a running step has just written.
+        """
         request = self.requests[request_id]
-        if not 0 <= start < end <= self.kv.blocks_for(request.num_computed_tokens):
+        limit = len(request.block_ids)
+        if layers is None:
+            limit = self.kv.blocks_for(request.num_computed_tokens)
+        elif not 0 <= layers.start < layers.stop <= len(self.kv_cache.layers):
+            raise KVImportError(f"layers {layers} are not in this model")
+        if not 0 <= start < end <= limit:
             raise KVImportError(
                 f"blocks [{start}, {end}) of request {request_id} are not computed: it has "
                 f"{request.num_computed_tokens} tokens in the cache"
             )
-        data = self.kv_cache.read_blocks(request.block_ids[start:end])
-        num_tokens = min(request.num_computed_tokens, end * self.kv.block_size)
-        return data, kv_checksum(data, num_tokens - start * self.kv.block_size)
+        data = self.kv_cache.read_blocks(request.block_ids[start:end], layers)
+        return data, kv_checksum(data)
 
     def release(self, request_id: str) -> None:
         """Frees a held request once its KV lives elsewhere; no output is produced."""
@@ -126,9 +137,12 @@ class KVTransferMixin:
         return len(request.block_ids)
 
     def write_kv(
-        self, request_id: str, start: int, data: torch.Tensor, num_tokens: int, checksum: int
+        self, request_id: str, start: int, data: torch.Tensor, checksum: int, first_layer: int = 0
     ) -> None:
-        """Writes arriving blocks [start, start + n) of a reserved request, checksum first."""
+        """Writes arriving blocks [start, start + n) of a reserved request, checksum first.
+
+        `data` holds layers [first_layer, first_layer + data.shape[0]) of those blocks.
+        """
         request = self._reserved(request_id)
         end = start + data.shape[1]
         if start < 0 or end > len(request.block_ids):
@@ -136,11 +150,19 @@ class KVTransferMixin:
                 f"blocks [{start}, {end}) fall outside the {len(request.block_ids)} reserved"
             )
         expected = self.kv_cache.layers[0].shape[1:]
-        if tuple(data.shape[2:]) != tuple(expected) or data.shape[0] != len(self.kv_cache.layers):
-            raise KVImportError(f"KV blocks of shape {tuple(data.shape)} do not fit this cache")
-        if kv_checksum(data, num_tokens) != checksum:
+        num_layers = len(self.kv_cache.layers)
+        if (
+            tuple(data.shape[2:]) != tuple(expected)
+            or first_layer < 0
+            or first_layer + data.shape[0] > num_layers
+        ):
+            raise KVImportError(
+                f"KV blocks of shape {tuple(data.shape)} from layer {first_layer} do not fit "
+                f"this cache ({num_layers} layers of blocks {tuple(expected)})"
+            )
+        if kv_checksum(data) != checksum:
             raise KVImportError("KV blocks failed their checksum: the transfer corrupted them")
-        self.kv_cache.write_blocks(request.block_ids[start:end], data)
+        self.kv_cache.write_blocks(request.block_ids[start:end], data, first_layer)
 
     def commit(self, request_id: str, output_token_ids: list[int], num_kv_tokens: int) -> None:
         """The reserved request's KV is complete: it joins the running batch.
@@ -196,7 +218,7 @@ class KVTransferMixin:
             request_id = str(next(self._next_id))
         self.reserve(request_id, prompt_token_ids, params, meta.num_tokens, meta)
         try:
-            self.write_kv(request_id, 0, data, meta.num_tokens, meta.checksum)
+            self.write_kv(request_id, 0, data, meta.checksum)
             self.commit(request_id, list(output_token_ids), meta.num_tokens)
         except Exception:
             self.abort_request(request_id)

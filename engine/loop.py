@@ -10,6 +10,10 @@ finished).
         run every queued call
         if the engine has work: outputs = engine.step(); on_outputs(outputs); after_step()
         else: sleep until a call arrives
+
+Each step that ran a batch leaves a StepSample (tokens, requests, seconds) in a ring of
+the last `max_step_samples`; workers report them in Status so a router can fit how
+long a step of n tokens takes on this instance.
 """
 
 from __future__ import annotations
@@ -18,16 +22,32 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DEFAULT_MAX_STEP_SAMPLES = 256
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One engine step that ran a batch. Field names match worker.proto's StepSample."""
+
+    num_batched_tokens: int
+    num_seqs: int  # requests with tokens in the step
+    num_prefill_tokens: int  # of num_batched_tokens, those that are not decode tokens
+    seconds: float
+    end_time: float  # time.time() when the step ended
 
 
 class EngineLoop:
@@ -36,6 +56,7 @@ class EngineLoop:
         engine: LLMEngine,
         on_outputs: Callable[[list[RequestOutput]], None],
         after_step: Callable[[], None] | None = None,
+        max_step_samples: int = DEFAULT_MAX_STEP_SAMPLES,
     ) -> None:
         self.engine = engine
         self._on_outputs = on_outputs
@@ -45,6 +66,8 @@ class EngineLoop:
         self._running = False
         self.num_steps = 0
         self.busy_seconds = 0.0
+        self._samples: deque[StepSample] = deque(maxlen=max_step_samples)
+        self._samples_lock = threading.Lock()  # appended on the loop thread, read by RPCs
 
     def start(self) -> None:
         self._running = True
@@ -67,6 +90,11 @@ class EngineLoop:
         """submit() and wait: returns fn's result or raises its exception."""
         return self.submit(fn, *args, **kwargs).result(timeout)
 
+    def step_samples(self) -> list[StepSample]:
+        """The most recent steps that ran a batch, oldest first. Safe from any thread."""
+        with self._samples_lock:
+            return list(self._samples)
+
     def _run(self) -> None:
         while self._running:
             self._run_calls(block=not self.engine.has_pending_steps())
@@ -78,11 +106,37 @@ class EngineLoop:
             except Exception:  # a bug, not a request's fault: keep serving the rest
                 logger.exception("engine step failed")
                 continue
+            seconds = time.perf_counter() - begin
             self.num_steps += 1
-            self.busy_seconds += time.perf_counter() - begin
+            self.busy_seconds += seconds
+            self._record(self.engine.last_batch, seconds)
             self._notify(self._on_outputs, outputs)
             if self._after_step is not None:
                 self._notify(self._after_step)
+
+    def _record(self, batch: SchedulerOutput, seconds: float) -> None:
+        if batch.is_empty:  # only aborts were reported: no model work to time
+            return
+        sample = StepSample(
+            num_batched_tokens=batch.num_batched_tokens,
+            num_seqs=len(batch.scheduled),
+            num_prefill_tokens=self._num_prefill_tokens(batch),
+            seconds=seconds,
+            end_time=time.time(),
+        )
+        with self._samples_lock:
+            self._samples.append(sample)
+
+    def _num_prefill_tokens(self, batch: SchedulerOutput) -> int:
+        """Tokens of the step that are not decode tokens (one token past the prompt). A
+        request that finished in the step is gone: its single token counts as a decode."""
+        num = 0
+        for item in batch.scheduled:
+            request = self.engine.requests.get(item.request_id)
+            prompt_len = request.num_prompt_tokens if request is not None else 0
+            if len(item.token_ids) > 1 or item.start_pos < prompt_len:
+                num += len(item.token_ids)
+        return num
 
     def _run_calls(self, block: bool) -> None:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.attention import AttentionBackend, AttentionBatch, BoundAttention
@@ -19,8 +21,13 @@ class ModelRunner:
         self.kv_cache = kv_cache
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Runs one step; returns logits [num_sampled, V] of the `sample` requests, in order."""
+    def execute(
+        self, batch: SchedulerOutput, after_layer: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Runs one step; returns logits [num_sampled, V] of the `sample` requests, in order.
+
+        `after_layer(i)` runs as soon as layer i has written its KV for the whole batch.
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         logit_rows: list[int] = []
@@ -38,5 +45,7 @@ class ModelRunner:
         attention = BoundAttention(
             self.backend, self.kv_cache.layers, self.backend.plan(attention_batch)
         )
-        hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), attention)  # [T, D]
+        hidden = self.model(  # [T, D]
+            torch.tensor(input_ids), torch.tensor(positions), attention, after_layer
+        )
         return self.model.compute_logits(hidden[logit_rows])  # [N, V]

@@ -13,7 +13,9 @@ from prefill_worker.service import Deadlines, PrefillService
 def build(spec: WorkerSpec) -> PrefillService:
     engine = LLMEngine(EngineConfig(**spec.engine_kwargs()))
     links = LinkManager(spec.instance_id, connect_store(spec.store_address), host=spec.host)
-    service = PrefillService(engine, spec.instance_id, links, Deadlines(**spec.deadlines))
+    service = PrefillService(
+        engine, spec.instance_id, links, Deadlines(**spec.deadlines), spec.kv_layer_groups
+    )
     start_server(service, spec.host, spec.port)
     service.start()
     return service

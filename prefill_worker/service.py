@@ -5,21 +5,25 @@ One request's handoff, with the deadline of each state:
     Prefill RPC ─▶ link to D (connect) ─▶ queued, then prefilled chunk by chunk
     D.Reserve (retried while D has no room, up to `reserve`): at once if the prompt
         runs in the next step, else when its first chunk is done
-    every engine step: the blocks that step filled ─▶ D.ReceiveBlocks + bytes on the link
-                                                      (transfer_timeout per chunk)
+    after every step: the full blocks that step filled ─▶ D.ReceiveBlocks + bytes on
+        the link (transfer_timeout per transfer)
+    during the step of the final chunk: its blocks, one group of layers at a time, as
+        soon as the group's layers have written them (kv_layer_groups)
     first token sampled ─▶ streamed to the router at once; the request is HELD
-    the last, partial block ─▶ D.ReceiveBlocks ─▶ D.Commit (commit_timeout)
-    D acknowledged ─▶ blocks released here ─▶ HandoffDone to the router
+    D.Commit (commit_timeout) ─▶ D acknowledged ─▶ blocks released here ─▶ HandoffDone
 
-Blocks leave as each chunk finishes, so the transfer overlaps the prompt's compute
-and only the last block waits on the first token. On any failure (a deadline, a
-broken link, D refusing) the request is aborted here, its blocks are freed, D is
-told explicitly with Abort, and the router gets a Failure event. Transfers over one
-link run in order on that link's sender thread; other links are not disturbed.
+Earlier chunks leave while later ones compute, and the final chunk leaves layer
+group by layer group while the rest of its step computes, so the first token waits
+only for the last group, which travels while the logits are sampled. On any failure
+(a deadline, a broken link, D refusing) the request is aborted here, its blocks are
+freed, D is told explicitly with Abort, and the router gets a Failure event.
+Transfers over one link run in order on that link's sender thread; other links are
+not disturbed.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -42,6 +46,7 @@ from engine.kv.link import KVLink, LinkError, LinkManager
 from engine.loop import EngineLoop
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerOutput
 from proto.tandem.internal.v1 import worker_pb2 as pb
 from proto.tandem.internal.v1 import worker_pb2_grpc
 
@@ -91,6 +96,7 @@ class PrefillService(WorkerServicer):
         instance_id: str,
         links: LinkManager,
         deadlines: Deadlines | None = None,
+        layer_groups: int = 3,
     ) -> None:
         super().__init__(instance_id)
         self.engine = engine
@@ -98,6 +104,11 @@ class PrefillService(WorkerServicer):
         self.deadlines = deadlines or Deadlines()
         self.block_size = engine.config.block_size
         self.loop = EngineLoop(engine, self._on_outputs, self._after_step)
+        num_layers = len(engine.kv_cache.layers)
+        groups = max(1, min(layer_groups, num_layers))
+        bounds = [round(num_layers * g / groups) for g in range(groups + 1)]
+        self._layer_groups = {b - 1: range(a, b) for a, b in itertools.pairwise(bounds)}
+        engine.layer_listener = self._on_layer
         self._lock = threading.Lock()
         self._handoffs: dict[str, Handoff] = {}
         self._senders: dict[str, queue.Queue[_Job | None]] = {}  # link id -> its job queue
@@ -209,6 +220,27 @@ class PrefillService(WorkerServicer):
         for handoff in pending:
             self._queue_blocks(handoff, final=False)
 
+    def _on_layer(self, batch: SchedulerOutput, layer: int) -> None:
+        """Mid-step: ships a prompt's final chunk one group of layers at a time, so
+        only the last group (sent while the first token is sampled) is left after it."""
+        layers = self._layer_groups.get(layer)
+        if layers is None:
+            return
+        last = layers.stop == len(self.engine.kv_cache.layers)
+        for item in batch.scheduled:
+            if not item.sample:  # not the chunk that ends its prompt
+                continue
+            with self._lock:
+                handoff = self._handoffs.get(item.request_id)
+            if handoff is None or handoff.done or handoff.final_queued:
+                continue
+            num_tokens = item.start_pos + len(item.token_ids)
+            start, end = handoff.blocks_queued, -(-num_tokens // self.block_size)
+            if last:
+                handoff.blocks_queued, handoff.final_queued = end, True
+            if end > start:
+                self._queue_range(handoff, start, end, num_tokens, layers)
+
     def _queue_blocks(self, handoff: Handoff, final: bool) -> None:
         """Sends the blocks computed since the last call: full ones, and with `final` the last."""
         request = self.engine.requests.get(handoff.request_id)
@@ -221,12 +253,20 @@ class PrefillService(WorkerServicer):
         if end <= handoff.blocks_queued:
             return
         start, handoff.blocks_queued = handoff.blocks_queued, end
+        self._queue_range(handoff, start, end, num_computed, None)
+
+    def _queue_range(
+        self, handoff: Handoff, start: int, end: int, num_tokens: int, layers: range | None
+    ) -> None:
+        """Queues blocks [start, end) (of `layers`, default all) of a request whose KV
+        holds num_tokens tokens; asks D for room first if nobody has yet."""
         if not handoff.reserve_queued:
             handoff.reserve_queued = True
             self._send(_Job(handoff, "reserve", None))
-        data, checksum = self.engine.read_kv(handoff.request_id, start, end)
-        num_tokens = min(num_computed, end * self.block_size) - start * self.block_size
-        self._send(_Job(handoff, "blocks", (start, data, num_tokens, checksum)))
+        data, checksum = self.engine.read_kv(handoff.request_id, start, end, layers)
+        filled = min(num_tokens, end * self.block_size) - start * self.block_size
+        first_layer = 0 if layers is None else layers.start
+        self._send(_Job(handoff, "blocks", (start, data, filled, checksum, first_layer)))
 
     # ---- sending (one thread per link) ----------------------------------------------------------
 
@@ -282,7 +322,7 @@ class PrefillService(WorkerServicer):
             wait = min(wait * 2, 1.0)
 
     def _send_blocks(
-        self, handoff: Handoff, start: int, data: Any, num_tokens: int, crc: int
+        self, handoff: Handoff, start: int, data: Any, num_tokens: int, crc: int, first_layer: int
     ) -> None:
         link = handoff.link
         tag = link.next_tag()
@@ -296,6 +336,7 @@ class PrefillService(WorkerServicer):
             checksum=crc,
             shape=list(data.shape),
             dtype=str(data.dtype).removeprefix("torch."),
+            layer_start=first_layer,
         )
         if handoff.first_send is None:
             handoff.first_send = time.perf_counter()

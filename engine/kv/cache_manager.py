@@ -27,8 +27,12 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.num_prefix_queries = 0  # tokens looked up in the prefix cache
-        self.num_prefix_hits = 0  # of which found
+        # Counted in tokens as vLLM does, once per admission (a lookup whose allocation
+        # fails is retried next step and must not count twice): queries are the prompt
+        # tokens looked up, hits the tokens found cached.
+        self.num_prefix_queries = 0
+        self.num_prefix_hits = 0
+        self._pending_lookup: tuple[Request, int] | None = None  # (request, hit tokens)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -48,8 +52,7 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.num_prefix_queries += request.num_tokens
-        self.num_prefix_hits += len(hits) * self.block_size
+        self._pending_lookup = (request, len(hits) * self.block_size)
         return hits
 
     def allocate(
@@ -72,7 +75,16 @@ class KVCacheManager:
             request.num_computed_tokens = num_computed
             request.num_hashed_blocks = len(prefix_block_ids)
         request.block_ids.extend(self.pool.allocate(max(num_needed, 0)))
+        self._count_lookup(request)
         return True
+
+    def _count_lookup(self, request: Request) -> None:
+        """Counts the request's prefix lookup now that it is admitted (see __init__)."""
+        if self._pending_lookup is None or self._pending_lookup[0] is not request:
+            return
+        self.num_prefix_queries += request.num_tokens
+        self.num_prefix_hits += self._pending_lookup[1]
+        self._pending_lookup = None
 
     def cache_computed_blocks(self, request: Request) -> None:
         """Registers the request's newly full, computed blocks in the prefix cache."""

@@ -48,22 +48,27 @@ class PagedKVCache:
     def num_blocks(self) -> int:
         return self.layers[0].shape[0]
 
-    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+    def read_blocks(self, block_ids: list[int], layers: range | None = None) -> torch.Tensor:
+        """The blocks of these layers (default all), gathered into one new tensor
+        [len(layers), n, 2, BS, KVH, D]."""
         index = torch.tensor(block_ids, dtype=torch.int64)
-        return torch.stack([layer[index] for layer in self.layers])  # [L, n, 2, BS, KVH, D]
+        selected = self.layers if layers is None else self.layers[layers.start : layers.stop]
+        first = selected[0]
+        out = first.new_empty((len(selected), len(block_ids), *first.shape[1:]))
+        for layer, layer_out in zip(selected, out):
+            torch.index_select(layer, 0, index, out=layer_out)
+        return out
 
-    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor, first_layer: int = 0) -> None:
+        """Writes data [layers, n, ...] into these blocks, from layer `first_layer` on."""
         index = torch.tensor(block_ids, dtype=torch.int64)
-        for layer, layer_data in zip(self.layers, data):
+        for layer, layer_data in zip(self.layers[first_layer:], data):
             layer.index_copy_(0, index, layer_data.to(layer.dtype))
 
 
-def kv_checksum(data: torch.Tensor, num_tokens: int) -> int:
-    """CRC-32 of the filled slots of exported blocks [L, n, 2, BS, KVH, D]."""
-    num_layers, num_blocks, _, block_size = data.shape[:4]
-    flat = data.transpose(1, 2).reshape(num_layers, 2, num_blocks * block_size, -1)
-    filled = flat[:, :, :num_tokens].contiguous()
-    return zlib.crc32(filled.view(torch.uint8).numpy().data)
+def kv_checksum(data: torch.Tensor) -> int:
+    """CRC-32 of blocks [L, n, 2, BS, KVH, D] as they travel, read in place (no copy)."""
+    return zlib.crc32(data.contiguous().view(torch.uint8).numpy().data)
 
 
 def check_layout(meta: KVBlockMeta, expected: KVBlockMeta) -> None:
@@ -87,5 +92,5 @@ def check_import(meta: KVBlockMeta, expected: KVBlockMeta, data: torch.Tensor) -
         raise KVImportError(
             f"{meta.num_tokens} tokens need {num_blocks} blocks, got {data.shape[1]}"
         )
-    if kv_checksum(data, meta.num_tokens) != meta.checksum:
+    if kv_checksum(data) != meta.checksum:
         raise KVImportError("KV blocks failed their checksum: the transfer corrupted them")

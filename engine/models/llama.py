@@ -8,6 +8,7 @@ cache and attends over each request's context.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -109,13 +110,19 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: StepAttention
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: StepAttention,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, D]
         x = self.embed_tokens(input_ids)
         rope = self.rope.lookup(positions, x.dtype)
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             x = layer(x, rope, attention)
+            if after_layer is not None:  # this layer's KV is in the cache
+                after_layer(index)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -76,39 +76,49 @@ def test_mismatched_layout_is_refused(engines, prompts):
     assert dest.kv.pool.num_used_blocks == 0 and not dest.has_unfinished_requests()
 
 
-def test_garbage_in_the_unfilled_tail_does_not_matter(engines, prompts):
-    source, dest = engines
-    meta, data, first = prefill_then_export(source, prompts[4])  # 31 tokens: last block has 15
-    data = data.clone()
-    data[:, -1, :, 15:] = torch.randn_like(data[:, -1, :, 15:])
-    rid = dest.import_request(prompts[4], first, PARAMS, meta, data)
-    dest.abort_request(rid)
-    dest.step()
-    assert dest.kv.pool.num_used_blocks == 0
-
-
-def test_chunk_by_chunk_handoff_matches_one_engine(engines, prompts):
+@pytest.mark.parametrize("layer_groups", [None, [range(0, 7), range(7, 19), range(19, 30)]])
+def test_chunk_by_chunk_handoff_matches_one_engine(engines, prompts, layer_groups):
     """The prefill worker's path: blocks read as each chunk finishes, written into a
-    reservation, committed with the first token; the sender's copy is held, then released."""
+    reservation, committed with the first token; the sender's copy is held, then released.
+    With layer groups, the final chunk leaves group by group from inside its step."""
     source, dest = engines
     prompt = prompts[11]  # 490 tokens: 8 chunks of 64
     expected = run_to_end(source, source.add_request(prompt, PARAMS))
     rid = source.add_request(prompt, PARAMS, request_id="handoff-1", hold_after_prefill=True)
     dest.reserve(rid, prompt, PARAMS, len(prompt), source.layout())
     sent, first = 0, None
-    while first is None:
-        for out in source.step():
-            assert not out.finished
-            first = out.token_ids
-        request = source.requests[rid]
-        end = -(-request.num_computed_tokens // 16) if first else request.num_computed_tokens // 16
-        if end > sent:
-            data, checksum = source.read_kv(rid, sent, end)
-            num_tokens = min(request.num_computed_tokens, end * 16) - sent * 16
-            dest.write_kv(rid, sent, data, num_tokens, checksum)
-            sent = end
-        source.check_invariants()
-        dest.check_invariants()
+    shipped_in_step: list[range] = []
+
+    def on_layer(batch, layer):  # what PrefillService._on_layer does
+        nonlocal sent
+        for group in layer_groups:
+            if group.stop - 1 == layer and batch.scheduled[0].sample:
+                end = -(-len(prompt) // 16)
+                data, checksum = source.read_kv(rid, sent, end, group)
+                assert data.shape[0] == len(group)
+                dest.write_kv(rid, sent, data, checksum, first_layer=group.start)
+                shipped_in_step.append(group)
+                if group.stop == 30:
+                    sent = end
+
+    source.layer_listener = on_layer if layer_groups else None
+    try:
+        while first is None:
+            for out in source.step():
+                assert not out.finished
+                first = out.token_ids
+            request = source.requests[rid]
+            computed = request.num_computed_tokens
+            end = -(-computed // 16) if first else computed // 16
+            if end > sent:
+                data, checksum = source.read_kv(rid, sent, end)
+                dest.write_kv(rid, sent, data, checksum)
+                sent = end
+            source.check_invariants()
+            dest.check_invariants()
+    finally:
+        source.layer_listener = None
+    assert shipped_in_step == (layer_groups or [])
     assert source.requests[rid].status.name == "HELD" and not source.has_pending_steps()
     dest.commit(rid, first, len(prompt))
     source.release(rid)
@@ -116,6 +126,25 @@ def test_chunk_by_chunk_handoff_matches_one_engine(engines, prompts):
     assert run_to_end(dest, rid) == expected
     dest.check_invariants()
     assert dest.kv.pool.num_used_blocks == 0
+
+
+def test_blocks_outside_the_model_or_reservation_are_refused(engines, prompts):
+    source, dest = engines
+    rid = source.add_request(prompts[3], PARAMS, hold_after_prefill=True)
+    while source.has_pending_steps():
+        source.step()
+    with pytest.raises(KVImportError, match="layers"):
+        source.read_kv(rid, 0, 1, range(25, 31))
+    data, checksum = source.read_kv(rid, 0, 1, range(20, 30))
+    dest.reserve("r-9", prompts[3], PARAMS, len(prompts[3]), dest.layout())
+    with pytest.raises(KVImportError, match="do not fit"):
+        dest.write_kv("r-9", 0, data, checksum, first_layer=21)
+    dest.write_kv("r-9", 0, data, checksum, first_layer=20)
+    for engine, request_id in ((source, rid), (dest, "r-9")):
+        engine.abort_request(request_id)
+        engine.step()
+        engine.check_invariants()
+        assert engine.kv.pool.num_used_blocks == 0
 
 
 def test_an_abandoned_reservation_frees_its_blocks(engines, prompts):
@@ -126,7 +155,7 @@ def test_an_abandoned_reservation_frees_its_blocks(engines, prompts):
         dest.commit("r-2", [1], len(prompts[8]))
     with pytest.raises(KVImportError, match="checksum"):
         shape = (30, 1, *dest.kv_cache.layers[0].shape[1:])
-        dest.write_kv("r-1", 0, torch.zeros(shape), 16, checksum=12345)
+        dest.write_kv("r-1", 0, torch.zeros(shape), checksum=12345)
     dest.abort_request("r-1")
     dest.step()
     dest.check_invariants()

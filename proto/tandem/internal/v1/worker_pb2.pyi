@@ -214,7 +214,7 @@ class ReserveReply(_message.Message):
     def __init__(self, num_blocks: _Optional[int] = ...) -> None: ...
 
 class BlocksHeader(_message.Message):
-    __slots__ = ("request_id", "link_id", "tag", "start_block", "num_blocks", "num_tokens", "checksum", "shape", "dtype")
+    __slots__ = ("request_id", "link_id", "tag", "start_block", "num_blocks", "num_tokens", "checksum", "shape", "dtype", "layer_start")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LINK_ID_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,7 @@ class BlocksHeader(_message.Message):
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     link_id: str
     tag: int
@@ -233,7 +234,8 @@ class BlocksHeader(_message.Message):
     checksum: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
-    def __init__(self, request_id: _Optional[str] = ..., link_id: _Optional[str] = ..., tag: _Optional[int] = ..., start_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., checksum: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    layer_start: int
+    def __init__(self, request_id: _Optional[str] = ..., link_id: _Optional[str] = ..., tag: _Optional[int] = ..., start_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., checksum: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., layer_start: _Optional[int] = ...) -> None: ...
 
 class BlocksAck(_message.Message):
     __slots__ = ()
@@ -335,8 +337,22 @@ class LinkStats(_message.Message):
     broken: bool
     def __init__(self, link_id: _Optional[str] = ..., peer_instance_id: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., transfers: _Optional[int] = ..., broken: _Optional[bool] = ...) -> None: ...
 
+class StepSample(_message.Message):
+    __slots__ = ("num_batched_tokens", "num_seqs", "num_prefill_tokens", "seconds", "end_time")
+    NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    num_batched_tokens: int
+    num_seqs: int
+    num_prefill_tokens: int
+    seconds: float
+    end_time: float
+    def __init__(self, num_batched_tokens: _Optional[int] = ..., num_seqs: _Optional[int] = ..., num_prefill_tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., end_time: _Optional[float] = ...) -> None: ...
+
 class InstanceStatus(_message.Message):
-    __slots__ = ("instance_id", "role", "num_blocks", "num_free_blocks", "num_waiting", "num_running", "num_reserved", "num_held", "num_queued_prefill_tokens", "invariants_error", "handoffs_completed", "handoffs_failed", "kv_bytes_sent", "kv_bytes_received", "handoff_seconds_total", "links", "steps")
+    __slots__ = ("instance_id", "role", "num_blocks", "num_free_blocks", "num_waiting", "num_running", "num_reserved", "num_held", "num_queued_prefill_tokens", "invariants_error", "handoffs_completed", "handoffs_failed", "kv_bytes_sent", "kv_bytes_received", "handoff_seconds_total", "links", "steps", "step_samples", "prefix_cache_queries", "prefix_cache_hits", "max_num_batched_tokens", "max_num_seqs")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +370,11 @@ class InstanceStatus(_message.Message):
     HANDOFF_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     num_blocks: int
@@ -371,4 +392,9 @@ class InstanceStatus(_message.Message):
     handoff_seconds_total: float
     links: _containers.RepeatedCompositeFieldContainer[LinkStats]
     steps: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_held: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., invariants_error: _Optional[str] = ..., handoffs_completed: _Optional[int] = ..., handoffs_failed: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., handoff_seconds_total: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., steps: _Optional[int] = ...) -> None: ...
+    step_samples: _containers.RepeatedCompositeFieldContainer[StepSample]
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_held: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., invariants_error: _Optional[str] = ..., handoffs_completed: _Optional[int] = ..., handoffs_failed: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., handoff_seconds_total: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., steps: _Optional[int] = ..., step_samples: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
