@@ -24,6 +24,10 @@ from cluster.spec import WorkerSpec
 from cluster.worker_main import READY
 
 
+# Seconds the Ray driver waits for a new head node's GCS to publish its port.
+GCS_WAIT_VARIABLE = "RAY_gcs_server_port_wait_time_s"
+
+
 class LaunchError(RuntimeError):
     """A worker failed to start; the message carries its own error output."""
 
@@ -176,6 +180,10 @@ class RayLauncher:
 
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
+            if address is None:
+                # A busy small machine can take longer than Ray's default 30 s to bring up
+                # the new cluster's GCS; wait longer rather than fail the launch.
+                os.environ.setdefault(GCS_WAIT_VARIABLE, "120")
             ray.init(
                 address=address,
                 num_cpus=num_cpus if address is None else None,

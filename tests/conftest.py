@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from cluster.launcher import GCS_WAIT_VARIABLE
 from engine.models.source import default_model_path
+
+# Ray clusters the tests start themselves (and `tandem serve` subprocesses) may need more
+# than Ray's default 30 s for their GCS to come up while the suite loads both cores.
+os.environ.setdefault(GCS_WAIT_VARIABLE, "180")
 
 # Text the prompts are cut from: English, code, and non-ASCII scripts and emoji.
 CORPUS = [
