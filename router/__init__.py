@@ -2,6 +2,8 @@
 
     core.py            Router: picks instances, sends requests, streams tokens back in order
     policy.py          routing policies (which prefill, which decode), plain Python
+    load.py            the workers' load and step times, as the policies read them
+    metrics.py         Prometheus metrics
     instances.py       the workers as the router sees them; the token stream to each
     streams.py         one request's reorder buffer
     tokenizer.py       tokenizer and chat template from a worker's Info, without torch
@@ -12,3 +14,10 @@
 
 The router never imports torch or transformers.
 """
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("tandem")
+except _metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "0+unknown"

@@ -7,11 +7,10 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from dataclasses import replace
 
-from router.core import RouterConfig
 from router.errors import RouterError
-from router.policy import POLICIES, make_policy
-from router.server import serve
+from router.server import add_front_door_arguments, front_door_options, serve
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,10 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=50051)
-    parser.add_argument("--policy", default="round_robin", choices=sorted(POLICIES))
     parser.add_argument(
         "--connect-timeout", type=float, default=30.0, help="seconds to wait for the workers"
     )
+    add_front_door_arguments(parser)
     return parser
 
 
@@ -33,13 +32,14 @@ async def _run(args: argparse.Namespace) -> None:
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    options = front_door_options(args)
+    options["config"] = replace(options["config"], connect_timeout_s=args.connect_timeout)
     await serve(
         [a.strip() for a in args.workers.split(",") if a.strip()],
         args.host,
         args.http_port,
         args.grpc_port,
-        policy=make_policy(args.policy),
-        config=RouterConfig(connect_timeout_s=args.connect_timeout),
+        **options,
     )
 
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_run(args))
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, SIGTERM
         pass
-    except (RouterError, OSError) as e:
+    except (RouterError, OSError, ValueError) as e:
         logging.getLogger("router").error("%s", e)
         return 1
     return 0

@@ -19,17 +19,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from proto.tandem.internal.v1 import worker_pb2
-from router.errors import RouterError, RouterStartError
+from router.errors import (
+    NotReadyError,
+    OverloadedError,
+    RouterError,
+    RouterStartError,
+)
 from router.instances import Instance, Subscription, connect, rpc_reason
-from router.policy import Candidate, RoundRobinPolicy, Route, RoutingPolicy
+from router.load import LoadTracker
+from router.metrics import SLO, RouterMetrics
+from router.policy import (
+    Candidate,
+    Role,
+    RoundRobinPolicy,
+    Route,
+    RouteRequest,
+    RoutingPolicy,
+)
 from router.status import HandoffLog, HandoffRecord, message_to_dict
 from router.streams import RequestStream
 from router.tokenizer import RouterTokenizer
@@ -44,6 +60,15 @@ class RouterConfig:
     rpc_timeout_s: float = 10.0  # Generate, Abort and Status calls
     reconnect_backoff_s: tuple[float, float] = (0.1, 5.0)  # first and longest wait
     max_message_bytes: int = 64 << 20  # Info carries the tokenizer: several MB
+    # Admission: beyond either bound a new request is refused (HTTP 429) instead of
+    # queueing without limit on the workers.
+    max_in_flight: int = 1024  # requests on the workers
+    max_waiting_prompt_tokens: int = 65536  # prompt tokens not yet answered by a first token
+    load_poll_interval_s: float = 0.5  # each worker's Status: load for routing and metrics
+    load_max_age_s: float = 5.0  # an older load is unknown to the policies
+    slo_classes: Mapping[str, SLO] = field(
+        default_factory=lambda: {"default": SLO(ttft_s=1.0, tpot_s=0.1)}
+    )
 
 
 @dataclass
@@ -51,8 +76,25 @@ class _InFlight:
     request_id: str
     route: Route
     stream: RequestStream
+    num_prompt_tokens: int
+    waiting: bool = True  # no token yet: its prompt counts against the admission bound
     prefill_task: asyncio.Task[None] | None = None
     handoff: HandoffRecord | None = None
+
+
+class _PrefillRate:
+    """Prompt tokens answered per second (a moving average), to say when to retry."""
+
+    def __init__(self, initial: float = 1000.0, weight: float = 0.2) -> None:
+        self.tokens_per_s = initial
+        self._weight = weight
+        self._last: float | None = None
+
+    def answered(self, num_tokens: int, now: float) -> None:
+        if self._last is not None and now > self._last:
+            rate = num_tokens / (now - self._last)
+            self.tokens_per_s += self._weight * (rate - self.tokens_per_s)
+        self._last = now
 
 
 class Router:
@@ -83,6 +125,12 @@ class Router:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._aborts: set[asyncio.Task[Any]] = set()  # also in _tasks
         self._tokenizer: RouterTokenizer | None = None
+        self._started = False
+        self._draining = False
+        self._waiting_prompt_tokens = 0
+        self._prefill_rate = _PrefillRate()
+        self.metrics = RouterMetrics(self.config.slo_classes)
+        self.loads = LoadTracker(max_age_s=self.config.load_max_age_s)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -95,6 +143,9 @@ class Router:
             self._tokenizer = RouterTokenizer.from_info(first.info)
             self._subscribe_all()
             await self._wait_streams_open()
+            self.metrics.set_model_name(self.model_id)
+            self._spawn(self._poll_loads())
+            self._started = True
         except BaseException:
             await self.close()
             raise
@@ -146,28 +197,156 @@ class Router:
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def waiting_prompt_tokens(self) -> int:
+        """Prompt tokens of the requests in flight that have no token yet."""
+        return self._waiting_prompt_tokens
+
+    @property
+    def ready(self) -> bool:
+        """Takes new requests: started, not draining, and some route is healthy."""
+        if not self._started or self._draining:
+            return False
+        roles = {i.role for i in self._instances.values() if i.healthy}
+        return Role.COLOCATED in roles or {Role.PREFILL, Role.DECODE} <= roles
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        """Take no new requests (NotReadyError); those in flight run to their end."""
+        self._draining = True
+
+    @staticmethod
+    def new_request_id(prefix: str = "cmpl") -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
     async def generate(
-        self, prompt_token_ids: Sequence[int], params: worker_pb2.SamplingParams
+        self,
+        prompt_token_ids: Sequence[int],
+        params: worker_pb2.SamplingParams,
+        request_id: str | None = None,
     ) -> AsyncGenerator[worker_pb2.TokenDelta, None]:
         """The request's deltas in index order, ending after the finished one.
 
-        A failure becomes a last delta with finish_reason "error" and `error` set.
-        Raises NoInstanceError (on the first step) when no instance can take it. Close
-        the generator (contextlib.aclosing) to stop early: that aborts on the workers.
+        `request_id` (made here if not given) must be unique among requests in flight;
+        the front doors make it, never a client. A failure becomes a last delta with
+        finish_reason "error" and `error` set. Raises (on the first step) NotReadyError
+        while starting or draining, OverloadedError beyond the admission bounds, and
+        NoInstanceError when no instance can take it. Close the generator
+        (contextlib.aclosing) to stop early: that aborts on the workers.
         """
-        route = self._choose_route(len(prompt_token_ids))
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        request = _InFlight(request_id, route, RequestStream(request_id))
+        self._admit(len(prompt_token_ids))
+        route = self._choose_route(RouteRequest(prompt_token_ids))
+        request_id = request_id or self.new_request_id()
+        if request_id in self._in_flight:
+            raise RouterError(f"request id {request_id!r} is already in flight")
+        now = time.monotonic()
+        self.loads.on_dispatch(
+            route.prefill_id or route.decode_id, request_id, len(prompt_token_ids), now
+        )
+        if route.prefill_id is not None:
+            self.loads.on_dispatch(route.decode_id, request_id, len(prompt_token_ids), now)
+        request = _InFlight(request_id, route, RequestStream(request_id), len(prompt_token_ids))
         self._in_flight[request.request_id] = request
+        self._waiting_prompt_tokens += request.num_prompt_tokens
+        tracked = self.metrics.request_started()
+        finish_reason, num_cached = "abort", 0  # unless a last delta says otherwise
         try:
             await self._dispatch(request, list(prompt_token_ids), params)
+            tracked.dispatched()
             while True:
                 delta = await request.stream.get()
+                self._answered(request)
+                tracked.tokens(len(delta.token_ids))
+                if delta.index == 0:
+                    num_cached = delta.num_cached_tokens
+                if delta.finished:
+                    finish_reason = delta.finish_reason
                 yield delta
                 if delta.finished:
                     return
         finally:
+            tracked.finished(finish_reason, request.num_prompt_tokens, num_cached)
+            self._answered(request)
             self._end(request)
+
+    def _admit(self, num_prompt_tokens: int) -> None:
+        if not self._started:
+            raise NotReadyError("the router is starting; retry in a moment")
+        if self._draining:
+            raise NotReadyError("the router is draining and takes no new requests")
+        config = self.config
+        waiting = self._waiting_prompt_tokens
+        if len(self._in_flight) >= config.max_in_flight:
+            raise OverloadedError(
+                f"{len(self._in_flight)} requests are in flight, the most this router "
+                f"admits (max_in_flight); retry later",
+                self._retry_after(),
+            )
+        if waiting and waiting + num_prompt_tokens > config.max_waiting_prompt_tokens:
+            raise OverloadedError(
+                f"{waiting} prompt tokens are waiting for prefill, and this prompt's "
+                f"{num_prompt_tokens} would pass the bound of "
+                f"{config.max_waiting_prompt_tokens} (max_waiting_prompt_tokens); retry later",
+                self._retry_after(),
+            )
+
+    def _retry_after(self) -> float:
+        """Seconds until the prompts waiting now are likely to be answered (1 to 60)."""
+        seconds = self._waiting_prompt_tokens / max(self._prefill_rate.tokens_per_s, 1.0)
+        return float(min(60, max(1, math.ceil(seconds))))
+
+    def _answered(self, request: _InFlight) -> None:
+        """Its first token came (or it ended): its prompt no longer waits."""
+        if request.waiting:
+            request.waiting = False
+            self.loads.on_finish(
+                request.route.prefill_id or request.route.decode_id, request.request_id
+            )
+            self._waiting_prompt_tokens -= request.num_prompt_tokens
+            self._prefill_rate.answered(request.num_prompt_tokens, time.monotonic())
+
+    async def _poll_loads(self) -> None:
+        """Every load_poll_interval_s: each worker's Status, for routing and metrics."""
+        request = worker_pb2.StatusRequest()
+        while True:
+            await asyncio.gather(*(self._poll(i, request) for i in self._instances.values()))
+            waiting = sum(r.waiting for r in self._in_flight.values())
+            self.metrics.set_router_queue(len(self._in_flight), waiting)
+            await asyncio.sleep(self.config.load_poll_interval_s)
+
+    async def _poll(self, instance: Instance, request: worker_pb2.StatusRequest) -> None:
+        sent = time.monotonic()
+        try:
+            status = await instance.stub.Status(request, timeout=self.config.rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:  # its load goes stale after load_max_age_s
+            logger.debug("Status of %s: %s", instance, rpc_reason(e))
+            self.metrics.forget_instance(instance.instance_id)
+            return
+        try:
+            self.loads.update(instance.instance_id, status, sent)
+        except ValueError as e:
+            logger.warning("Status of %s: %s", instance, e)
+        self.metrics.observe_instance(
+            instance.instance_id,
+            instance.role.value,
+            status.num_running,
+            status.num_waiting,
+            1 - status.num_free_blocks / status.num_blocks if status.num_blocks else 0.0,
+            status.prefix_cache_queries,
+            status.prefix_cache_hits,
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request in flight (by the id its deltas carry): its stream ends with
+        finish_reason "abort" and the workers drop it. False if it is not in flight."""
+        request = self._in_flight.get(request_id)
+        if request is None:
+            return False
+        request.stream.abort()
+        return True
 
     async def status(self, check_invariants: bool = False) -> dict[str, Any]:
         """The workers' Status, the handoff totals and the requests in flight, as JSON.
@@ -235,18 +414,25 @@ class Router:
 
     # -- one request -------------------------------------------------------------------
 
-    def _choose_route(self, num_prompt_tokens: int) -> Route:
+    def _choose_route(self, request: RouteRequest) -> Route:
         in_flight: dict[str, int] = {}
-        for request in self._in_flight.values():
-            for instance_id in (request.route.prefill_id, request.route.decode_id):
+        for other in self._in_flight.values():
+            for instance_id in (other.route.prefill_id, other.route.decode_id):
                 if instance_id is not None:
                     in_flight[instance_id] = in_flight.get(instance_id, 0) + 1
+        now = time.monotonic()
         candidates = [
-            Candidate(i.instance_id, i.role, in_flight.get(i.instance_id, 0))
+            Candidate(
+                i.instance_id,
+                i.role,
+                in_flight.get(i.instance_id, 0),
+                self.loads.current(i.instance_id, now),
+                self.loads.step_model(i.instance_id),
+            )
             for i in self._instances.values()
             if i.healthy
         ]
-        return self._policy.choose(num_prompt_tokens, candidates)
+        return self._policy.choose(request, candidates)
 
     async def _dispatch(
         self, request: _InFlight, prompt_token_ids: list[int], params: worker_pb2.SamplingParams
@@ -312,6 +498,7 @@ class Router:
                 event.handoff.seconds,
             )
             self.handoffs.add(request.handoff)
+            self.metrics.kv_transfer(event.handoff.kv_bytes, event.handoff.seconds)
         elif kind == "failure":
             decode = self._instances[request.route.decode_id]
             request.stream.fail(
@@ -322,6 +509,7 @@ class Router:
     def _end(self, request: _InFlight) -> None:
         """Forget the request, and abort it on the workers unless a worker finished it."""
         self._in_flight.pop(request.request_id, None)
+        self.loads.on_finish(request.route.decode_id, request.request_id)
         if not request.stream.needs_abort:
             return  # its prefill stream ends by itself: the handoff event may still come
         if request.prefill_task is not None:
@@ -369,7 +557,9 @@ class Router:
             status = await instance.stub.Status(request, timeout=self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             return {**entry, "reachable": False, "error": rpc_reason(e)}
-        return {**message_to_dict(status), **entry, "reachable": True}
+        reported = message_to_dict(status)
+        reported.pop("step_samples", None)  # up to 256 per worker: for the policies
+        return {**reported, **entry, "reachable": True}
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)

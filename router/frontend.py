@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from proto.tandem.internal.v1 import worker_pb2
 from router.core import Router
 from router.errors import GenerationError, InvalidRequestError, ModelNotFoundError
 
 INT64_MAX = 2**63 - 1
+MAX_LOGPROBS = 20  # the engine's limit (engine/sampling_params.py)
+MAX_N = 16  # choices per prompt
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # top alternatives per token; 0: the sampled token's only
 
     def to_params(self, num_prompt_tokens: int, router: Router) -> worker_pb2.SamplingParams:
         """Checked against the ranges and the model's context length."""
@@ -49,7 +53,16 @@ class SamplingOptions:
             stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
+            logit_bias=dict(self.logit_bias),
+            logprobs=self.logprobs,
         )
+
+    def for_choice(self, index: int) -> SamplingOptions:
+        """The options of choice `index` of n: a seed, if given, is seed + index, so that
+        the choices differ yet each is reproducible."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=(self.seed + index + INT64_MAX + 1) % 2**64 - INT64_MAX - 1)
 
     def _check_ranges(self, vocab_size: int) -> None:
         _require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
@@ -66,6 +79,22 @@ class SamplingOptions:
         _require(all(self.stop), "stop", "stop strings must not be empty")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         _require(not bad, "stop_token_ids", f"{bad[:5]} are not token ids of this model")
+        bad = [t for t, _ in self.logit_bias if not 0 <= t < vocab_size]
+        _require(not bad, "logit_bias", f"{bad[:5]} are not token ids of this model")
+        _require(
+            all(-100.0 <= b <= 100.0 for _, b in self.logit_bias),
+            "logit_bias",
+            "biases must be in [-100, 100]",
+        )
+        _require(
+            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            f"at most {MAX_LOGPROBS} alternatives per token can be returned",
+        )
+
+
+def check_n(n: int) -> None:
+    _require(1 <= n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
 
 
 def model_names(router: Router) -> list[str]:
@@ -99,20 +128,27 @@ class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
+    logprobs: list[worker_pb2.TokenLogprob] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+
+    def add(self, delta: worker_pb2.TokenDelta) -> None:
+        """Appends one delta (in index order) of a request that did not fail."""
+        if delta.index == 0:
+            self.num_cached_tokens = delta.num_cached_tokens
+        self.request_id = delta.request_id
+        self.token_ids.extend(delta.token_ids)
+        self.text += delta.text
+        self.logprobs.extend(delta.logprobs)
+        self.finish_reason = delta.finish_reason
 
 
 async def collect(deltas: AsyncGenerator[worker_pb2.TokenDelta, None]) -> Completion:
     """All of a request's deltas as one completion. Raises GenerationError if it failed."""
     completion = Completion()
-    pieces = []
     async with contextlib.aclosing(deltas):
         async for delta in deltas:
             check_delta(delta)
-            completion.request_id = delta.request_id
-            completion.token_ids.extend(delta.token_ids)
-            pieces.append(delta.text)
-            completion.finish_reason = delta.finish_reason
-    completion.text = "".join(pieces)
+            completion.add(delta)
     return completion
 
 

@@ -1,17 +1,25 @@
 """The router's OpenAI-compatible HTTP API.
 
-    POST /v1/completions        a prompt: text, or token ids
+    POST /v1/completions        prompts: a text, token ids, or a list of either
     POST /v1/chat/completions   messages, rendered with the model's chat template
     GET  /v1/models             the one model served
-    GET  /health                200 while the router runs
+    POST /tokenize, /detokenize text (or messages) to token ids, and back
+    GET  /version               tandem's version
+    GET  /health                200 while the router process runs (liveness)
+    GET  /ready                 200 while it takes requests, else 503 (readiness)
+    GET  /metrics               Prometheus text
     GET  /status                the workers' Status, handoff totals, requests in flight
 
 With `stream: true` a completion comes as server-sent events, `data: {chunk}` per
 delta, then `data: [DONE]`. Errors are OpenAI-shaped, `{"error": {message, type,
-param, code}}`: 400 for a request that cannot be served as sent, 404 for another
-model, 503 when no instance can take it, 500 when it failed on the workers.
+param, code}}`: 400 for a request that cannot be served as sent, 401 without a valid
+API key (when keys are configured; the health probes need none), 404 for another
+model, 413 for a body over the limit, 429 with Retry-After when the router is full,
+503 when it is not ready or no instance can take the request, 500 when it failed
+on the workers. A client's X-Request-Id comes back on the response, untouched; it
+is never used as the request's id inside tandem.
 
-A client that goes away ends its request on the workers: the request's delta
+A client that goes away ends its requests on the workers: each request's delta
 generator is closed, and Router.generate sends Abort.
 """
 
@@ -19,44 +27,77 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
-from collections.abc import AsyncGenerator, Awaitable
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proto.tandem.internal.v1 import worker_pb2
+from router import __version__
 from router.core import Router
 from router.errors import (
     GenerationError,
     InvalidRequestError,
     ModelNotFoundError,
     NoInstanceError,
+    NotReadyError,
+    OverloadedError,
     RouterError,
 )
-from router.frontend import check_delta, check_model, collect, prompt_token_ids
+from router.frontend import (
+    Completion,
+    SamplingOptions,
+    check_delta,
+    check_model,
+    collect,
+    prompt_token_ids,
+)
+from router.metrics import RouterMetrics
 from router.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ResponseFormat,
+    TokenizeRequest,
     error_body,
 )
 
 T = TypeVar("T")
 Deltas = AsyncGenerator[worker_pb2.TokenDelta, None]
 
+PROBES = frozenset({"/health", "/ready"})  # answered without an API key
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+
 routes = APIRouter()
 
 
-def create_app(router: Router) -> FastAPI:
-    """The HTTP app over a started router (the caller starts and closes the router)."""
-    app = FastAPI(title="tandem router")
+def create_app(
+    router: Router,
+    *,
+    api_keys: Sequence[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: RouterMetrics | None = None,
+) -> FastAPI:
+    """The HTTP app over a started router (the caller starts and closes the router).
+    With `api_keys`, every route but the health probes needs `Authorization: Bearer
+    <key>`."""
+    app = FastAPI(title="tandem router", version=__version__)
     app.state.router = router
+    app.state.metrics = router.metrics if metrics is None else metrics
     app.include_router(routes)
     _add_error_handlers(app)
+    app.add_middleware(
+        _Guard,
+        api_keys=frozenset(api_keys),
+        max_body_bytes=max_body_bytes,
+        metrics=app.state.metrics,
+    )
     return app
 
 
@@ -64,18 +105,36 @@ def create_app(router: Router) -> FastAPI:
 async def completions(body: CompletionRequest, request: Request) -> Response:
     router = _router(request)
     check_model(router, body.model)
-    prompt_ids = prompt_token_ids(router, body.prompt)
-    response = ResponseFormat.for_request("completion", router.model_id, prompt_ids, body)
-    return await _complete(request, body, prompt_ids, response)
+    options = body.options()
+    prompts = [prompt_token_ids(router, p) for p in body.prompts()]
+    response = ResponseFormat.for_request(
+        "completion",
+        router.model_id,
+        router.new_request_id("cmpl"),
+        prompts,
+        body,
+        options.logprobs is not None,
+        _token_text(router),
+    )
+    return await _complete(request, body, options, prompts, response)
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     router = _router(request)
     check_model(router, body.model)
+    options = body.options()
     prompt_ids = router.tokenizer.encode_chat([m.for_template() for m in body.messages])
-    response = ResponseFormat.for_request("chat", router.model_id, prompt_ids, body)
-    return await _complete(request, body, prompt_ids, response)
+    response = ResponseFormat.for_request(
+        "chat",
+        router.model_id,
+        router.new_request_id("chatcmpl"),
+        [prompt_ids],
+        body,
+        options.logprobs is not None,
+        _token_text(router),
+    )
+    return await _complete(request, body, options, [prompt_ids], response)
 
 
 @routes.get("/v1/models")
@@ -91,9 +150,57 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [model]}
 
 
+@routes.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    router = _router(request)
+    check_model(router, body.model)
+    if body.messages is not None:
+        ids = router.tokenizer.encode_chat([m.for_template() for m in body.messages])
+    elif body.prompt is not None:
+        ids = router.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        raise InvalidRequestError("send a prompt or messages", param="prompt")
+    return {"tokens": ids, "count": len(ids), "max_model_len": router.max_model_len}
+
+
+@routes.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    router = _router(request)
+    check_model(router, body.model)
+    bad = [t for t in body.tokens if not 0 <= t < router.vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"{bad[:5]} are not token ids (vocab size {router.vocab_size})", param="tokens"
+        )
+    return {"prompt": router.tokenizer.decode(body.tokens)}
+
+
+@routes.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
 @routes.get("/health")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@routes.get("/ready")
+async def ready(request: Request) -> Response:
+    router = _router(request)
+    if router.ready:
+        return JSONResponse({"status": "ready"})
+    reason = "draining" if router.draining else "no healthy route to the workers"
+    return JSONResponse(error_body(f"not ready: {reason}", "server_error", code="not_ready"), 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry: RouterMetrics | None = request.app.state.metrics
+    if registry is None:
+        raise RouterError("this router was started without metrics")
+    body, content_type = registry.render()
+    return Response(body, media_type=content_type)
 
 
 @routes.get("/status")
@@ -104,50 +211,113 @@ async def status(request: Request, check_invariants: bool = False) -> dict[str, 
 async def _complete(
     request: Request,
     body: CompletionRequest | ChatCompletionRequest,
-    prompt_ids: list[int],
+    options: SamplingOptions,
+    prompts: list[list[int]],
     response: ResponseFormat,
 ) -> Response:
+    """Starts every choice (prompt i's j-th sample is choice i * n + j) and answers with
+    the whole completion, or streams it."""
     router = _router(request)
-    params = body.options().to_params(len(prompt_ids), router)
-    deltas = router.generate(prompt_ids, params)
+    params = [
+        options.for_choice(j).to_params(len(prompt), router)
+        for prompt in prompts
+        for j in range(body.n)
+    ]
+    prompt_of = [prompt for prompt in prompts for _ in range(body.n)]
+    ids = [response.request_id] + [f"{response.request_id}-{c}" for c in range(1, len(params))]
+    choices = [router.generate(p, q, i) for p, q, i in zip(prompt_of, params, ids)]
     if body.stream:
-        return await _stream(request, deltas, response, body.include_usage)
-    completion = await _unless_disconnected(request, collect(deltas))
-    return JSONResponse(response.response(completion))
+        return await _stream(request, choices, response, body.include_usage)
+    completions = await _unless_disconnected(request, _collect_all(choices))
+    return JSONResponse(response.response(completions))
+
+
+async def _collect_all(choices: list[Deltas]) -> list[Completion]:
+    tasks = [asyncio.ensure_future(collect(c)) for c in choices]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:  # one failed, or the client left: stop the others
+        await _cancel_and_wait(*tasks)
 
 
 async def _stream(
-    request: Request, deltas: Deltas, response: ResponseFormat, include_usage: bool
+    request: Request, choices: list[Deltas], response: ResponseFormat, include_usage: bool
 ) -> Response:
-    """Waits for the first delta, so that a request failing before it gets a plain error
-    response with its status code, then streams the rest."""
+    """Waits for every choice's first delta, so that a request failing before it gets
+    a plain error response with its status code, then streams the rest."""
+    firsts: list[worker_pb2.TokenDelta] = []
     try:
-        first = await _unless_disconnected(request, anext(deltas))
-        check_delta(first)
+        for deltas in choices:
+            first = await _unless_disconnected(request, anext(deltas))
+            check_delta(first)
+            firsts.append(first)
     except BaseException:
-        await deltas.aclose()
+        await asyncio.gather(*(d.aclose() for d in choices), return_exceptions=True)
         raise
-    return EventStreamResponse(_events(deltas, first, response, include_usage))
+    return EventStreamResponse(_events(choices, firsts, response, include_usage))
 
 
 async def _events(
-    deltas: Deltas, first: worker_pb2.TokenDelta, response: ResponseFormat, include_usage: bool
+    choices: list[Deltas],
+    firsts: list[worker_pb2.TokenDelta],
+    response: ResponseFormat,
+    include_usage: bool,
 ) -> AsyncGenerator[str, None]:
+    """The choices' chunks as they come, each choice's in order; usage after the last."""
     num_tokens = 0
-    async with contextlib.aclosing(deltas):
-        delta = first
-        while True:
+    num_cached = sum(f.num_cached_tokens for f in firsts)
+    async with _merged(choices, firsts) as merged:
+        async for index, delta, first in merged:
             if delta.finish_reason == "error":
                 yield _event(error_body(delta.error, "server_error"))
                 break
             num_tokens += len(delta.token_ids)
-            yield _event(response.chunk(delta, first=delta is first))
-            if delta.finished:
-                if include_usage:
-                    yield _event(response.usage_chunk(delta.request_id, num_tokens))
-                break
-            delta = await anext(deltas)
+            yield _event(response.chunk(index, delta, first))
+        else:
+            if include_usage:
+                yield _event(response.usage_chunk(num_tokens, num_cached))
     yield "data: [DONE]\n\n"
+
+
+@contextlib.asynccontextmanager
+async def _merged(
+    choices: list[Deltas], firsts: list[worker_pb2.TokenDelta]
+) -> AsyncIterator[AsyncIterator[tuple[int, worker_pb2.TokenDelta, bool]]]:
+    """(choice index, delta, is its first) from all choices, until each has finished.
+    Leaving the context closes every choice (aborting the unfinished ones)."""
+    queue: asyncio.Queue[tuple[int, worker_pb2.TokenDelta, bool] | BaseException] = asyncio.Queue()
+
+    async def pump(index: int, deltas: Deltas) -> None:
+        try:
+            delta = firsts[index]
+            queue.put_nowait((index, delta, True))
+            while not delta.finished:
+                delta = await anext(deltas)
+                queue.put_nowait((index, delta, False))
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+    async def items() -> AsyncIterator[tuple[int, worker_pb2.TokenDelta, bool]]:
+        remaining = len(choices)
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item[1].finished:
+                remaining -= 1
+            yield item
+
+    pumps = [asyncio.ensure_future(pump(i, d)) for i, d in enumerate(choices)]
+    try:
+        yield items()
+    finally:
+        await _cancel_and_wait(*pumps)
+        await asyncio.gather(*(d.aclose() for d in choices), return_exceptions=True)
+
+
+def _token_text(router: Router) -> Callable[[int], str]:
+    tokenizer = router.tokenizer
+    return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def _event(data: dict[str, Any]) -> str:
@@ -214,26 +384,145 @@ def _router(request: Request) -> Router:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    def handler(status_code: int, type_: str, code: str | None = None) -> Any:
+    def handler(
+        status_code: int, type_: str, code: str | None = None, rejection: str | None = None
+    ) -> Any:
         async def handle(request: Request, exc: Exception) -> Response:
             param = exc.param if isinstance(exc, InvalidRequestError) else None
+            if rejection is not None:
+                _count_rejection(request, rejection)
             return JSONResponse(error_body(str(exc), type_, param, code), status_code)
 
         return handle
 
+    async def overloaded(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, OverloadedError)
+        _count_rejection(request, "overloaded", slo_class="default")
+        body = error_body(str(exc), "rate_limit_error", code="overloaded")
+        headers = {"Retry-After": str(math.ceil(exc.retry_after_s))}
+        return JSONResponse(body, 429, headers=headers)
+
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(InvalidRequestError, handler(400, "invalid_request_error"))
     app.add_exception_handler(
-        ModelNotFoundError, handler(404, "invalid_request_error", "model_not_found")
+        InvalidRequestError, handler(400, "invalid_request_error", None, "invalid_request")
     )
-    app.add_exception_handler(NoInstanceError, handler(503, "server_error", "no_instance"))
+    app.add_exception_handler(
+        ModelNotFoundError,
+        handler(404, "invalid_request_error", "model_not_found", "invalid_request"),
+    )
+    app.add_exception_handler(OverloadedError, overloaded)
+    app.add_exception_handler(NotReadyError, handler(503, "server_error", "not_ready", "not_ready"))
+    app.add_exception_handler(
+        NoInstanceError, handler(503, "server_error", "no_instance", "no_instance")
+    )
     app.add_exception_handler(GenerationError, handler(500, "server_error"))
     app.add_exception_handler(RouterError, handler(500, "server_error"))
     app.add_exception_handler(_ClientGone, _client_gone)
 
 
+def _count_rejection(request: Request, reason: str, slo_class: str | None = None) -> None:
+    """Counts a refusal; with slo_class (the server's doing), also an SLO miss."""
+    metrics: RouterMetrics | None = request.app.state.metrics
+    if metrics is not None:
+        metrics.rejected(reason, slo_class)
+
+
+class _Guard:
+    """ASGI middleware in front of every route: the API key (401), the body size (413),
+    and the client's X-Request-Id, echoed on the response."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_keys: frozenset[str],
+        max_body_bytes: int,
+        metrics: RouterMetrics | None,
+    ) -> None:
+        self.app = app
+        self.api_keys = api_keys
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        echo = [(b"x-request-id", headers[b"x-request-id"])] if b"x-request-id" in headers else []
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *echo]}
+            await send(message)
+
+        if self.api_keys and scope["path"] not in PROBES and not self._authorized(headers):
+            message = (
+                "the API key is not valid: send one of this server's keys as "
+                "'Authorization: Bearer <key>'"
+                if b"authorization" in headers
+                else "an API key is required: send 'Authorization: Bearer <key>'"
+            )
+            if self.metrics is not None:
+                self.metrics.rejected("unauthenticated")
+            body = error_body(message, "authentication_error", code="invalid_api_key")
+            await JSONResponse(body, 401)(scope, receive, send_with_id)
+            return
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await self._too_large(scope, receive, send_with_id)
+            return
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # No declared length (a chunked body): read it here, within the bound, and
+            # hand it on whole; FastAPI would turn an error while reading into a 400.
+            buffered = bytearray()
+            while True:
+                incoming = await receive()
+                if incoming["type"] != "http.request":
+                    return  # the client left
+                buffered += incoming.get("body", b"")
+                if len(buffered) > self.max_body_bytes:
+                    await self._too_large(scope, receive, send_with_id)
+                    return
+                if not incoming.get("more_body", False):
+                    break
+            receive = _replay(bytes(buffered), receive)
+        await self.app(scope, receive, send_with_id)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        key = key.strip()
+        return scheme.lower() == "bearer" and any(
+            hmac.compare_digest(key, k) for k in self.api_keys
+        )
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = (
+            f"the request body is larger than {self.max_body_bytes} bytes, the most this "
+            "router accepts; send a shorter prompt"
+        )
+        if self.metrics is not None:
+            self.metrics.rejected("request_too_large")
+        body = error_body(message, "invalid_request_error", code="request_too_large")
+        await JSONResponse(body, 413)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that gives `body` first, then whatever the client sends next."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    _count_rejection(request, "invalid_request")
     error = exc.errors()[0]
     param = ".".join(str(p) for p in error["loc"] if p != "body") or None
     message = f"{param}: {error['msg']}" if param else str(error["msg"])

@@ -1,13 +1,17 @@
 """The OpenAI request bodies the router accepts, and the response shapes it writes.
 
 Only what tandem serves is modelled; unknown fields are ignored, as OpenAI clients send
-many. Fields tandem does not support yet (n > 1, logprobs, echo) are refused with 400
+many. Fields tandem does not support (echo, best_of > n, suffix) are refused with 400
 rather than silently ignored.
+
+A request has one or more prompts (a completions request may send a list), each
+sampled `n` times: choice `i * n + j` is prompt i's j-th sample, as in OpenAI's API.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from proto.tandem.internal.v1 import worker_pb2
 from router.errors import InvalidRequestError
-from router.frontend import Completion, SamplingOptions
+from router.frontend import Completion, SamplingOptions, check_n
+
+TokenText = Callable[[int], str]  # a token id's text, for logprobs
 
 
 class _Body(BaseModel):
@@ -38,13 +44,13 @@ class _SamplingBody(_Body):
     return_token_ids: bool = False  # vLLM's: the prompt's and the completion's token ids
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    def sampling_options(self, max_tokens: int | None) -> SamplingOptions:
-        if self.n != 1:
-            raise InvalidRequestError("only n=1 is supported", param="n")
+    def sampling_options(self, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
+        check_n(self.n)
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingOptions(
             max_tokens=max_tokens,
@@ -57,6 +63,8 @@ class _SamplingBody(_Body):
             stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
+            logit_bias=_logit_bias(self.logit_bias),
+            logprobs=logprobs,
         )
 
     @property
@@ -65,15 +73,29 @@ class _SamplingBody(_Body):
 
 
 class CompletionRequest(_SamplingBody):
-    prompt: str | list[StrictInt]
+    prompt: str | list[StrictInt] | list[str | list[StrictInt]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
 
     def options(self) -> SamplingOptions:
-        _refuse(self.logprobs is not None, "logprobs")
         _refuse(self.echo, "echo")
-        return self.sampling_options(self.max_tokens)
+        _refuse(self.suffix is not None, "suffix")
+        _refuse(self.best_of is not None and self.best_of != self.n, "best_of")
+        return self.sampling_options(self.max_tokens, self.logprobs)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per entry: a text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise InvalidRequestError("the prompt must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
 
 
 class ContentPart(_Body):
@@ -110,20 +132,44 @@ class ChatCompletionRequest(_SamplingBody):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    top_logprobs: int | None = None
 
     def options(self) -> SamplingOptions:
-        _refuse(self.logprobs, "logprobs")
-        return self.sampling_options(_or(self.max_completion_tokens, self.max_tokens))
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = _or(self.top_logprobs, 0) if self.logprobs else None
+        return self.sampling_options(_or(self.max_completion_tokens, self.max_tokens), logprobs)
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 @dataclass(frozen=True)
 class ResponseFormat:
-    """Writes one request's responses: the whole completion, or the stream's chunks."""
+    """Writes one request's responses: the whole completion, or the stream's chunks.
+
+    `prompt_token_ids` holds each prompt's ids; choice c belongs to prompt c // n.
+    """
 
     kind: Literal["completion", "chat"]
     model: str
-    prompt_token_ids: tuple[int, ...]
+    request_id: str
+    prompt_token_ids: tuple[tuple[int, ...], ...]
+    n: int
     return_token_ids: bool
+    logprobs: bool
+    token_text: TokenText
     created: int
 
     @classmethod
@@ -131,60 +177,126 @@ class ResponseFormat:
         cls,
         kind: Literal["completion", "chat"],
         model: str,
-        prompt_token_ids: list[int],
+        request_id: str,
+        prompt_token_ids: Sequence[Sequence[int]],
         body: _SamplingBody,
+        logprobs: bool,
+        token_text: TokenText,
     ) -> ResponseFormat:
-        return cls(kind, model, tuple(prompt_token_ids), body.return_token_ids, int(time.time()))
+        return cls(
+            kind,
+            model,
+            request_id,
+            tuple(tuple(p) for p in prompt_token_ids),
+            body.n,
+            body.return_token_ids,
+            logprobs,
+            token_text,
+            int(time.time()),
+        )
 
-    def usage(self, num_completion_tokens: int) -> dict[str, int]:
-        num_prompt_tokens = len(self.prompt_token_ids)
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompt_token_ids) * self.n
+
+    def usage(self, num_completion_tokens: int, num_cached_tokens: int) -> dict[str, Any]:
+        # Each prompt is counted once per sample, as its KV is built for each.
+        num_prompt_tokens = sum(len(p) for p in self.prompt_token_ids) * self.n
         return {
             "prompt_tokens": num_prompt_tokens,
             "completion_tokens": num_completion_tokens,
             "total_tokens": num_prompt_tokens + num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
         }
 
-    def response(self, completion: Completion) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": completion.finish_reason}
-        if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": completion.text}
-        else:
-            choice.update(text=completion.text, logprobs=None)
-        if self.return_token_ids:
-            choice.update(prompt_token_ids=list(self.prompt_token_ids))
-            choice.update(token_ids=completion.token_ids)
+    def response(self, completions: Sequence[Completion]) -> dict[str, Any]:
+        choices = []
+        for index, completion in enumerate(completions):
+            choice: dict[str, Any] = {"index": index, "finish_reason": completion.finish_reason}
+            logprobs = self._logprobs(completion.logprobs) if self.logprobs else None
+            if self.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": completion.text}
+                choice["logprobs"] = logprobs
+            else:
+                choice.update(text=completion.text, logprobs=logprobs)
+            if self.return_token_ids:
+                choice.update(prompt_token_ids=list(self.prompt_token_ids[index // self.n]))
+                choice.update(token_ids=completion.token_ids)
+            choices.append(choice)
         return {
-            **self._header(completion.request_id, stream=False),
-            "choices": [choice],
-            "usage": self.usage(len(completion.token_ids)),
+            **self._header(stream=False),
+            "choices": choices,
+            "usage": self.usage(
+                sum(len(c.token_ids) for c in completions),
+                sum(c.num_cached_tokens for c in completions),
+            ),
         }
 
-    def chunk(self, delta: worker_pb2.TokenDelta, first: bool) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": delta.finish_reason or None}
+    def chunk(self, index: int, delta: worker_pb2.TokenDelta, first: bool) -> dict[str, Any]:
+        """The chunk of choice `index` for one delta; `first`: the choice's first chunk."""
+        choice: dict[str, Any] = {"index": index, "finish_reason": delta.finish_reason or None}
+        logprobs = self._logprobs(delta.logprobs) if self.logprobs else None
         if self.kind == "chat":
             message = {"content": delta.text} if delta.text or first else {}
             choice["delta"] = {"role": "assistant", **message} if first else message
+            choice["logprobs"] = logprobs
         else:
-            choice.update(text=delta.text, logprobs=None)
+            choice.update(text=delta.text, logprobs=logprobs)
         if self.return_token_ids:
             if first:
-                choice.update(prompt_token_ids=list(self.prompt_token_ids))
+                choice.update(prompt_token_ids=list(self.prompt_token_ids[index // self.n]))
             choice.update(token_ids=list(delta.token_ids))
-        return {**self._header(delta.request_id, stream=True), "choices": [choice]}
+        return {**self._header(stream=True), "choices": [choice]}
 
-    def usage_chunk(self, request_id: str, num_completion_tokens: int) -> dict[str, Any]:
+    def usage_chunk(self, num_completion_tokens: int, num_cached_tokens: int) -> dict[str, Any]:
         return {
-            **self._header(request_id, stream=True),
+            **self._header(stream=True),
             "choices": [],
-            "usage": self.usage(num_completion_tokens),
+            "usage": self.usage(num_completion_tokens, num_cached_tokens),
         }
 
-    def _header(self, request_id: str, stream: bool) -> dict[str, Any]:
+    def _logprobs(self, entries: Sequence[worker_pb2.TokenLogprob]) -> dict[str, Any]:
+        text = self.token_text
+        if self.kind == "chat":
+            return {
+                "content": [
+                    {
+                        **_chat_logprob(text(e.token_id), e.logprob),
+                        "top_logprobs": [_chat_logprob(text(t.token_id), t.logprob) for t in e.top],
+                    }
+                    for e in entries
+                ]
+            }
+        tokens = [text(e.token_id) for e in entries]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(t.token_id): t.logprob for t in e.top} for e in entries],
+            "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+        }
+
+    def _header(self, stream: bool) -> dict[str, Any]:
         if self.kind == "chat":
             obj = "chat.completion.chunk" if stream else "chat.completion"
         else:
             obj = "text_completion"
-        return {"id": request_id, "object": obj, "created": self.created, "model": self.model}
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
+
+
+def _chat_logprob(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    out = []
+    for key, value in (bias or {}).items():
+        try:
+            out.append((int(key), float(value)))
+        except ValueError:
+            raise InvalidRequestError(
+                f"logit_bias keys are token ids, got {key!r}", param="logit_bias"
+            ) from None
+    return tuple(out)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict:

@@ -2,27 +2,34 @@
 
     serve(): Router.start() ─▶ gRPC server up ─▶ HTTP server up ─▶ ready_event set
              ... until cancelled ...
-             HTTP server down ─▶ gRPC server down ─▶ Router.close()
+             draining (/ready 503, gRPC health NOT_SERVING, new requests 503)
+             ─▶ HTTP server down ─▶ gRPC server down ─▶ Router.close()
 
 Shutting down gives requests in flight GRACE_S seconds; those still running then are
-cancelled, which aborts them on the workers.
+cancelled, which aborts them on the workers. API keys, when given, guard both APIs
+(HTTP: Authorization: Bearer; gRPC: the same in metadata); `grpc_tls` (certificate
+chain PEM, private key PEM) serves gRPC over TLS.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-import grpc
 import uvicorn
+from fastapi import FastAPI
 
 from router.core import Router, RouterConfig
-from router.grpc_api import add_to_server
-from router.http import create_app
-from router.policy import RoutingPolicy
+from router.grpc_api import start_grpc_server
+from router.http import DEFAULT_MAX_BODY_BYTES, create_app
+from router.policy import POLICIES, RoutingPolicy, make_policy
 
 logger = logging.getLogger(__name__)
 
@@ -38,30 +45,30 @@ async def serve(
     *,
     policy: RoutingPolicy | None = None,
     config: RouterConfig | None = None,
+    api_keys: Sequence[str] = (),
+    grpc_tls: tuple[bytes, bytes] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Serve until cancelled. `ready_event` is set once both APIs take requests."""
     async with Router(worker_addresses, policy, config) as router:
-        grpc_server = await _start_grpc(router, host, grpc_port)
+        grpc_server = await start_grpc_server(
+            router, host, grpc_port, api_keys=api_keys, tls=grpc_tls
+        )
+        logger.info("gRPC API on %s:%d%s", host, grpc_port, " (TLS)" if grpc_tls else "")
+        app = create_app(router, api_keys=api_keys, max_body_bytes=max_body_bytes)
         try:
-            await _serve_http(router, host, http_port, ready_event)
+            await _serve_http(app, host, http_port, ready_event)
         finally:
+            router.drain()
+            await grpc_server.set_serving(False)
             await grpc_server.stop(grace=GRACE_S)
 
 
-async def _start_grpc(router: Router, host: str, port: int) -> grpc.aio.Server:
-    server = grpc.aio.server()
-    add_to_server(router, server)
-    server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    logger.info("gRPC API on %s:%d", host, port)
-    return server
-
-
 async def _serve_http(
-    router: Router, host: str, port: int, ready_event: asyncio.Event | None
+    app: FastAPI, host: str, port: int, ready_event: asyncio.Event | None
 ) -> None:
     config = uvicorn.Config(
-        create_app(router), log_level="warning", lifespan="off", timeout_graceful_shutdown=GRACE_S
+        app, log_level="warning", lifespan="off", timeout_graceful_shutdown=GRACE_S
     )
     server = _HttpServer(config)
     # Binding here makes a taken port an OSError, not uvicorn's sys.exit().
@@ -94,3 +101,46 @@ def _bind(host: str, port: int) -> Iterator[socket.socket]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         yield sock
+
+
+def add_front_door_arguments(parser: argparse.ArgumentParser) -> None:
+    """The router's flags, shared by `python -m router` and `tandem serve`."""
+    parser.add_argument("--policy", default="least_loaded", choices=sorted(POLICIES))
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="a key clients must send (repeat for several); also TANDEM_API_KEYS=k1,k2",
+    )
+    parser.add_argument("--grpc-tls-cert", default=None, help="PEM certificate chain: gRPC TLS")
+    parser.add_argument("--grpc-tls-key", default=None, help="PEM private key for --grpc-tls-cert")
+    parser.add_argument("--max-in-flight", type=int, default=RouterConfig.max_in_flight)
+    parser.add_argument(
+        "--max-waiting-prompt-tokens", type=int, default=RouterConfig.max_waiting_prompt_tokens
+    )
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20)
+
+
+def front_door_options(args: argparse.Namespace) -> dict[str, Any]:
+    """serve()'s keyword arguments from the flags above. Raises ValueError on a bad one."""
+    keys = list(args.api_key)
+    keys += [k.strip() for k in os.environ.get("TANDEM_API_KEYS", "").split(",") if k.strip()]
+    tls = None
+    if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key):
+        raise ValueError("--grpc-tls-cert and --grpc-tls-key go together")
+    if args.grpc_tls_cert:
+        tls = (Path(args.grpc_tls_cert).read_bytes(), Path(args.grpc_tls_key).read_bytes())
+    if args.max_in_flight < 1 or args.max_waiting_prompt_tokens < 1 or args.max_body_mb <= 0:
+        raise ValueError(
+            "--max-in-flight, --max-waiting-prompt-tokens and --max-body-mb must be positive"
+        )
+    return {
+        "policy": make_policy(args.policy),
+        "api_keys": keys,
+        "grpc_tls": tls,
+        "max_body_bytes": int(args.max_body_mb * 2**20),
+        "config": RouterConfig(
+            max_in_flight=args.max_in_flight,
+            max_waiting_prompt_tokens=args.max_waiting_prompt_tokens,
+        ),
+    }

@@ -50,16 +50,23 @@ class RequestStream:
 
     def fail(self, message: str) -> None:
         """End the stream now with an error delta (the router's, not a worker's)."""
+        self._end_now("error", message)
+
+    def abort(self) -> None:
+        """End the stream now with an "abort" delta: a client asked to stop the request."""
+        self._end_now("abort", "")
+
+    def _end_now(self, finish_reason: str, error: str) -> None:
         if self._closed:
             return
-        error = worker_pb2.TokenDelta(
+        last = worker_pb2.TokenDelta(
             request_id=self.request_id,
             index=self._next_index,
             finished=True,
-            finish_reason="error",
-            error=message,
+            finish_reason=finish_reason,
+            error=error,
         )
-        self._ready.put_nowait(error)
+        self._ready.put_nowait(last)
         self._close()
 
     async def get(self) -> worker_pb2.TokenDelta:

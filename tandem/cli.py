@@ -62,6 +62,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs")
     serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="chunk budget")
     serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per worker")
+    from router.server import add_front_door_arguments
+
+    add_front_door_arguments(serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from cluster.deployment import Deployment, DeploymentOptions
-    from router.server import serve
+    from router.server import front_door_options, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -110,14 +113,15 @@ def _serve(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30)),
         )
-    except ValueError as error:
+        front_door = front_door_options(args)
+    except (ValueError, OSError) as error:
         print(f"tandem serve: {error}", file=sys.stderr)
         return 2
     deployment = Deployment(options)
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: workers down, then exit
     try:
         addresses = deployment.start()
-        asyncio.run(serve(addresses, args.host, args.http_port, args.grpc_port))
+        asyncio.run(serve(addresses, args.host, args.http_port, args.grpc_port, **front_door))
     except KeyboardInterrupt:
         pass
     except Exception as error:

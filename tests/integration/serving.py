@@ -1,16 +1,22 @@
-"""Helpers for integration tests: free ports, the router in a thread, worker Status calls."""
+"""Helpers for integration tests: free ports, `tandem serve` as a subprocess, the router
+in a thread, worker Status calls."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
+import pytest
 
 from cluster.worker_base import channel
 from proto.tandem.internal.v1 import worker_pb2 as pb
@@ -22,6 +28,51 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def tandem_serve(
+    *flags: str,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/health",
+    stop_signal: int = signal.SIGTERM,
+) -> Iterator[tuple[str, int]]:
+    """`tandem serve FLAGS` on free ports until `ready_path` answers 200; yields its HTTP
+    URL and gRPC port. Afterwards `stop_signal` stops it, and it must exit cleanly."""
+    http_port, grpc_port = free_port(), free_port()
+    command = [sys.executable, "-m", "tandem.cli", "serve", *flags]
+    command += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=None if env is None else {**os.environ, **env},
+    )
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(process.stdout or []), daemon=True).start()
+    url = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        process.kill()
+        pytest.fail("tandem serve did not come up:\n" + "".join(log[-40:]))
+    try:
+        yield url, grpc_port
+    finally:
+        process.send_signal(stop_signal)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, "".join(log[-40:])
 
 
 class RouterThread:

@@ -7,11 +7,8 @@ them abandoned at every stage, must leave every KV block free on both workers.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,52 +17,16 @@ import httpx
 import pytest
 
 from proto.tandem.v1 import tandem_pb2, tandem_pb2_grpc
-from tests.integration.serving import complete, free_port, greedy_token_ids
+from tests.integration.serving import complete, greedy_token_ids, tandem_serve
 
 MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
 def server():
-    http_port, grpc_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tandem.cli",
-            "serve",
-            "--dtype",
-            "float32",
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    log: list[str] = []
-    threading.Thread(target=lambda: log.extend(process.stdout), daemon=True).start()
-    url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("tandem serve did not come up:\n" + "".join(log[-40:]))
-    yield url, grpc_port
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, "".join(log[-40:])
+    # The default deployment (Ray, disaggregated), stopped as Ctrl-C stops it.
+    with tandem_serve("--dtype", "float32", stop_signal=signal.SIGINT) as s:
+        yield s
 
 
 def test_disaggregated_greedy_matches_transformers(server, prompts, reference_outputs):

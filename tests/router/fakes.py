@@ -71,6 +71,7 @@ class Knobs:
     step_s: float = 0.0  # time between two tokens of the decode side
     fail_handoff: bool = False  # prefill: a failure event instead of the handoff
     decode_first: bool = False  # prefill: the decode side finishes before the first token
+    first_token_s: float = 0.0  # prefill: time before the first token
 
 
 class FakeWorker(worker_pb2_grpc.WorkerServicer):
@@ -126,6 +127,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
 
     async def Prefill(self, request, context):
         self.prompts.append(list(request.prompt_token_ids))
+        await asyncio.sleep(self.knobs.first_token_s)
         ids, reason = echo(list(request.prompt_token_ids), request.params.max_tokens)
         first = _delta(request.request_id, 0, ids, reason)
         decode = self._registry[request.decode.address]
@@ -235,3 +237,29 @@ async def wait_until(condition, timeout_s: float = 3.0) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {condition}")
         await asyncio.sleep(0.01)
+
+
+# The public gRPC API's fakes (added after the rest, so imported here).
+from router.grpc_api import TandemGrpcServer, start_grpc_server  # noqa: E402
+
+
+@dataclass
+class ServedApi:
+    """The public gRPC API of a router on fake workers, on a loopback port."""
+
+    target: str
+    router: Router
+    workers: list[FakeWorker]
+    server: TandemGrpcServer
+
+
+@contextlib.asynccontextmanager
+async def served_api(*roles: str, **server_options) -> AsyncIterator[ServedApi]:
+    """start_grpc_server (with `server_options`: api_keys, tls) over a router on one fake
+    worker per role; stopped on exit."""
+    async with fake_workers(*roles) as workers, started_router(workers) as router:
+        server = await start_grpc_server(router, "127.0.0.1", 0, **server_options)
+        try:
+            yield ServedApi(f"127.0.0.1:{server.port}", router, workers, server)
+        finally:
+            await server.stop(None)

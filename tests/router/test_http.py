@@ -56,7 +56,12 @@ async def test_completion(model: str | None) -> None:
         assert body["choices"] == [
             {"index": 0, "text": " the cat sat", "finish_reason": "stop", "logprobs": None}
         ]
-        assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+        assert body["usage"] == {
+            "prompt_tokens": 4,
+            "completion_tokens": 3,
+            "total_tokens": 7,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
 
 
 async def test_completion_of_token_ids_stops_at_max_tokens() -> None:
@@ -131,8 +136,12 @@ async def test_decode_racing_ahead_still_streams_in_order() -> None:
     [
         ({"prompt": "hi", "temperature": 3}, "temperature", "must be in [0, 2]"),
         ({"max_tokens": 3}, "prompt", "Field required"),
-        ({"prompt": "hi", "n": 2}, "n", "only n=1"),
-        ({"prompt": "hi", "logprobs": 2}, "logprobs", "not supported"),
+        ({"prompt": "hi", "n": 1000}, "n", "must be in [1, 16]"),
+        ({"prompt": "hi", "logprobs": 21}, "logprobs", "at most 20 alternatives"),
+        ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias", "keys are token ids"),
+        ({"prompt": "hi", "logit_bias": {"999": 1}}, "logit_bias", "[999] are not token ids"),
+        ({"prompt": "hi", "echo": True}, "echo", "not supported"),
+        ({"prompt": []}, "prompt", "must not be empty"),
         ({"prompt": [1, 999]}, "prompt", "[999] are not token ids"),
         ({"prompt": ""}, "prompt", "must not be empty"),
         ({"prompt": "the cat", "max_tokens": 30}, "max_tokens", "maximum context length is 32"),

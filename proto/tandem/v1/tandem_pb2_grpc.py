@@ -44,6 +44,26 @@ class TandemStub:
                 request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_unary(
+                '/tandem.v1.Tandem/Chat',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ChatRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.ChatStream = channel.unary_stream(
+                '/tandem.v1.Tandem/ChatStream',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ChatRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/tandem.v1.Tandem/Abort',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.AbortRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.AbortResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/tandem.v1.Tandem/ListModels',
+                request_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class TandemServicer:
@@ -61,6 +81,30 @@ class TandemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TandemServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +117,26 @@ def add_TandemServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateRequest.FromString,
                     response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ChatRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStream,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ChatRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.AbortRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.AbortResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +193,114 @@ class Tandem:
             '/tandem.v1.Tandem/GenerateStream',
             proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateRequest.SerializeToString,
             proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Tandem/Chat',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.ChatRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.Tandem/ChatStream',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.ChatRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Tandem/Abort',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.AbortRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Tandem/ListModels',
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsRequest.SerializeToString,
+            proto_dot_tandem_dot_v1_dot_tandem__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

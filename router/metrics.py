@@ -1,0 +1,508 @@
+"""The router's Prometheus metrics: one RouterMetrics per router, served at GET /metrics.
+
+Names follow vLLM's (`vllm:` becomes `tandem:`) wherever the meaning is the same, so
+vLLM dashboards work with the prefix changed. Every series carries `model_name` once
+set_model_name() has been called. Each RouterMetrics has its own registry: several
+routers (or tests) in one process never share a series.
+
+Who calls what (on the router's event loop; `now` defaults to the clock given at
+construction, time.monotonic, and exists so that tests can pass exact times):
+
+    metrics = RouterMetrics(slo_classes={"default": SLO(ttft_s=1.0, tpot_s=0.1)})
+    metrics.set_model_name(router.model_id)          # once the workers' Info is known
+
+    request = metrics.request_started(slo_class)     # the request arrives
+    request.dispatched()                             # sent to a worker: its queue time
+    request.tokens(len(delta.token_ids))             # each delta: TTFT, then ITL
+    request.finished(delta.finish_reason, delta.num_prompt_tokens, delta.num_cached_tokens)
+    request.rejected("no_instance")                  # instead of finished: never served
+
+    metrics.rejected("invalid_request")              # refused before request_started
+    metrics.kv_transfer(handoff.kv_bytes, handoff.seconds)
+    metrics.observe_instance(status.instance_id, status.role, status.num_running,
+        status.num_waiting, 1 - status.num_free_blocks / status.num_blocks,
+        status.prefix_cache_queries, status.prefix_cache_hits)   # after each Status poll
+    metrics.forget_instance(instance_id)             # the worker is gone
+    metrics.set_router_queue(num_in_flight, num_queued)
+    body, content_type = metrics.render()            # GET /metrics
+
+A request's tracking object (RequestMetrics):
+
+    request_started ─▶ dispatched ─▶ tokens ─▶ tokens ... ─▶ finished
+          └─────────────────────────────────────────────────▶ rejected
+
+The first finished() or rejected() ends it; later calls change nothing.
+
+| metric | type | labels | meaning |
+|---|---|---|---|
+| tandem:request_queue_time_seconds | histogram | | arrival at the router → dispatch |
+| tandem:time_to_first_token_seconds | histogram | | arrival → first token |
+| tandem:inter_token_latency_seconds | histogram | | per token after the first (see tokens) |
+| tandem:request_time_per_output_token_seconds | histogram | | per request: TPOT |
+| tandem:e2e_request_latency_seconds | histogram | | arrival → finished |
+| tandem:request_prompt_tokens | histogram | | prompt tokens per finished request |
+| tandem:request_generation_tokens | histogram | | output tokens per finished request |
+| tandem:prompt_tokens_total | counter | | prompt tokens of finished requests |
+| tandem:prompt_tokens_cached_total | counter | | of those, found in a prefix cache |
+| tandem:generation_tokens_total | counter | | output tokens, counted as they arrive |
+| tandem:request_success_total | counter | finished_reason | stop, length, abort |
+| tandem:requests_failed_total | counter | | finished with finish_reason "error" |
+| tandem:requests_rejected_total | counter | reason | refused: see REJECT_REASONS |
+| tandem:kv_transfer_bytes_total | counter | | KV bytes handed prefill → decode |
+| tandem:kv_transfer_seconds_total | counter | | time spent on those handoffs |
+| tandem:kv_handoff_duration_seconds | histogram | | one handoff's seconds |
+| tandem:num_requests_running | gauge | instance, role | the worker's running requests |
+| tandem:num_requests_waiting | gauge | instance, role | the worker's waiting requests |
+| tandem:kv_cache_usage_perc | gauge | instance, role | used fraction of KV blocks, 0..1 |
+| tandem:prefix_cache_queries_total | counter | instance, role | tokens looked up |
+| tandem:prefix_cache_hits_total | counter | instance, role | tokens found |
+| tandem:router_num_requests_in_flight | gauge | | requests the router is serving |
+| tandem:router_num_requests_queued | gauge | | requests waiting at the router |
+| tandem:slo_num_requests | gauge | slo_class | requests judged in the last window_s |
+| tandem:slo_ttft_attainment | gauge | slo_class | fraction of them with TTFT <= ttft_s |
+| tandem:slo_tpot_attainment | gauge | slo_class | fraction with TPOT <= tpot_s |
+| tandem:slo_attainment | gauge | slo_class | fraction meeting both |
+
+SLO attainment is computed at scrape time over the requests that ended in the last
+window_s seconds; the three fractions are left out while that window is empty. As in
+DistServe's goodput, failed requests (finish_reason "error"), requests that got no
+token, and rejections passed with a slo_class count as misses; a request with one
+token meets its TPOT target. Requests of a class that is not configured are not judged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from router.slo import SLO, Attainment, SLOWindows
+
+REJECT_REASONS = ("overloaded", "not_ready", "invalid_request", "unauthenticated", "no_instance")
+SUCCESS_REASONS = ("stop", "length", "abort")
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so that quantiles compare.
+# fmt: off
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+TOKEN_LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)
+HANDOFF_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+# fmt: on
+
+
+def token_buckets(max_value: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value, as vLLM buckets token counts."""
+    buckets: list[float] = []
+    base = 1
+    while base <= max_value:
+        buckets += [base * m for m in (1, 2, 5) if base * m <= max_value]
+        base *= 10
+    return tuple(buckets)
+
+
+class _WithModelName:
+    """Collects an inner registry with `model_name` on every sample, leaving out the
+    `_created` samples that prometheus_client adds to counters and histograms (vLLM
+    turns them off too, but with a process-wide switch)."""
+
+    def __init__(self, inner: CollectorRegistry) -> None:
+        self.model_name = ""
+        self._inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        extra = {"model_name": self.model_name} if self.model_name else {}
+        for family in self._inner.collect():
+            created = f"{family.name}_created"
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            copy.samples = [
+                sample._replace(labels={**sample.labels, **extra})
+                for sample in family.samples
+                if sample.name != created
+            ]
+            yield copy
+
+
+@dataclass(frozen=True)
+class _RequestInstruments:
+    """What RequestMetrics writes to; made once per RouterMetrics."""
+
+    queue_time: Histogram
+    ttft: Histogram
+    inter_token_latency: Histogram
+    time_per_output_token: Histogram
+    e2e_latency: Histogram
+    request_prompt_tokens: Histogram
+    request_generation_tokens: Histogram
+    prompt_tokens: Counter
+    prompt_tokens_cached: Counter
+    generation_tokens: Counter
+    success: Counter
+    failed: Counter
+    rejected: Counter
+
+
+class RequestMetrics:
+    """One request's timings, from its arrival at the router to its end. Made by
+    RouterMetrics.request_started; see the module docstring for the order of calls."""
+
+    def __init__(
+        self,
+        instruments: _RequestInstruments,
+        slo_windows: SLOWindows,
+        clock: Callable[[], float],
+        slo_class: str,
+        arrival: float,
+    ) -> None:
+        self.slo_class = slo_class
+        self.arrival = arrival
+        self.dispatch_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.num_output_tokens = 0
+        self.ended = False
+        self._instruments = instruments
+        self._slo_windows = slo_windows
+        self._clock = clock
+
+    def dispatched(self, now: float | None = None) -> None:
+        """The request was sent to a worker: observes its queue time (once)."""
+        if self.ended or self.dispatch_time is not None:
+            return
+        self.dispatch_time = self._now(now)
+        self._instruments.queue_time.observe(self.dispatch_time - self.arrival)
+
+    def tokens(self, num_tokens: int, now: float | None = None) -> None:
+        """num_tokens new output tokens arrived. The first of the first call's tokens gives
+        TTFT; every later token gets an inter-token latency: its share of the time since
+        the previous call (0 for the others of the first call). So the latencies of a
+        request sum to last − first, and their mean is its TPOT."""
+        if self.ended or num_tokens <= 0:
+            return
+        now = self._now(now)
+        instruments = self._instruments
+        if self.last_token_time is None:
+            self.first_token_time = now
+            instruments.ttft.observe(now - self.arrival)
+            latencies = [0.0] * (num_tokens - 1)
+        else:
+            latencies = [(now - self.last_token_time) / num_tokens] * num_tokens
+        for latency in latencies:
+            instruments.inter_token_latency.observe(latency)
+        instruments.generation_tokens.inc(num_tokens)
+        self.last_token_time = now
+        self.num_output_tokens += num_tokens
+
+    def finished(
+        self,
+        finish_reason: str,
+        num_prompt_tokens: int,
+        num_cached_tokens: int = 0,
+        now: float | None = None,
+    ) -> None:
+        """The request ended with finish_reason ("stop", "length", "abort" or "error"):
+        observes its end-to-end latency, TPOT and token counts, and judges its SLO."""
+        if self.ended:
+            return
+        self.ended = True
+        now = self._now(now)
+        instruments = self._instruments
+        instruments.e2e_latency.observe(now - self.arrival)
+        instruments.prompt_tokens.inc(num_prompt_tokens)
+        instruments.prompt_tokens_cached.inc(num_cached_tokens)
+        instruments.request_prompt_tokens.observe(num_prompt_tokens)
+        instruments.request_generation_tokens.observe(self.num_output_tokens)
+        tpot = self.time_per_output_token
+        if tpot is not None:
+            instruments.time_per_output_token.observe(tpot)
+        if finish_reason == "error":
+            instruments.failed.inc()
+            self._slo_windows.record(self.slo_class, now, ttft=None, tpot=None)
+            return
+        instruments.success.labels(finish_reason).inc()
+        self._slo_windows.record(self.slo_class, now, self.time_to_first_token, tpot)
+
+    def rejected(self, reason: str, now: float | None = None) -> None:
+        """The request was refused before a worker served it (e.g. "no_instance",
+        "overloaded"): counts the rejection, and a miss of both SLO targets."""
+        if self.ended:
+            return
+        self.ended = True
+        self._instruments.rejected.labels(reason).inc()
+        self._slo_windows.record(self.slo_class, self._now(now), ttft=None, tpot=None)
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """(last − first) / (n − 1); None before the second token."""
+        first, last = self.first_token_time, self.last_token_time
+        if self.num_output_tokens < 2 or first is None or last is None:
+            return None
+        return (last - first) / (self.num_output_tokens - 1)
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
+
+
+@dataclass
+class _InstanceSeen:
+    role: str
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class RouterMetrics:
+    """The router's metrics, in a registry of their own. See the module docstring."""
+
+    def __init__(
+        self,
+        slo_classes: Mapping[str, SLO] | None = None,
+        *,
+        model_name: str = "",
+        max_model_len: int = 1 << 17,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._inner = CollectorRegistry()
+        self._labelled = _WithModelName(self._inner)
+        self._labelled.model_name = model_name
+        self.registry = CollectorRegistry()
+        self.registry.register(self._labelled)
+        self._slo_windows = SLOWindows(slo_classes or {}, clock)
+        self._inner.register(self._slo_windows)
+        self._requests = self._init_request_metrics(max_model_len)
+        self._init_kv_transfer_metrics()
+        self._init_instance_metrics()
+        self._init_router_metrics()
+
+    def set_model_name(self, model_name: str) -> None:
+        """Label every series with model_name (the router learns it from its workers)."""
+        self._labelled.model_name = model_name
+
+    # -- requests ------------------------------------------------------------------------
+
+    def request_started(
+        self, slo_class: str = "default", now: float | None = None
+    ) -> RequestMetrics:
+        """A request arrived at the router: the returned object tracks it to its end."""
+        arrival = self._clock() if now is None else now
+        return RequestMetrics(self._requests, self._slo_windows, self._clock, slo_class, arrival)
+
+    def rejected(self, reason: str, slo_class: str | None = None, now: float | None = None) -> None:
+        """A request was refused (reason: one of REJECT_REASONS, or another word). With a
+        slo_class it also counts as a miss of both of that class's targets: pass it when
+        the refusal is the server's doing ("overloaded", "no_instance")."""
+        self._requests.rejected.labels(reason).inc()
+        if slo_class is not None:
+            now = self._clock() if now is None else now
+            self._slo_windows.record(slo_class, now, ttft=None, tpot=None)
+
+    def attainment(self, slo_class: str, now: float | None = None) -> Attainment:
+        """The SLO class's attainment over its window, as the gauges would show it now.
+        Raises ValueError for a class that is not configured."""
+        return self._slo_windows.attainment(slo_class, now)
+
+    # -- KV handoffs ---------------------------------------------------------------------
+
+    def kv_transfer(self, num_bytes: int, seconds: float) -> None:
+        """One prefill → decode handoff moved num_bytes of KV cache in `seconds`."""
+        self._kv_bytes.inc(num_bytes)
+        self._kv_seconds.inc(seconds)
+        self._kv_handoff.observe(seconds)
+
+    # -- workers -------------------------------------------------------------------------
+
+    def observe_instance(
+        self,
+        instance_id: str,
+        role: str,
+        num_running: int,
+        num_waiting: int,
+        kv_usage: float,
+        prefix_cache_queries: int,
+        prefix_cache_hits: int,
+    ) -> None:
+        """A worker's Status: its load now, and its prefix cache's cumulative totals (in
+        tokens). The exported counters follow those totals; when they drop (the worker
+        restarted and counts from zero again) they grow by the new totals instead."""
+        if not 0.0 <= kv_usage <= 1.0:
+            raise ValueError(f"kv_usage is a fraction of the KV blocks, 0..1; got {kv_usage}")
+        seen = self._instances.get(instance_id)
+        if seen is not None and seen.role != role:
+            self.forget_instance(instance_id)
+            seen = None
+        if seen is None:
+            seen = self._instances[instance_id] = _InstanceSeen(role, 0, 0)
+        labels = (instance_id, role)
+        self._num_running.labels(*labels).set(num_running)
+        self._num_waiting.labels(*labels).set(num_waiting)
+        self._kv_usage.labels(*labels).set(kv_usage)
+        increase = _counter_increase(seen.prefix_cache_queries, prefix_cache_queries)
+        self._prefix_queries.labels(*labels).inc(increase)
+        increase = _counter_increase(seen.prefix_cache_hits, prefix_cache_hits)
+        self._prefix_hits.labels(*labels).inc(increase)
+        seen.prefix_cache_queries = prefix_cache_queries
+        seen.prefix_cache_hits = prefix_cache_hits
+
+    def forget_instance(self, instance_id: str) -> None:
+        """Remove the worker's series (a no-op for a worker never observed)."""
+        seen = self._instances.pop(instance_id, None)
+        if seen is None:
+            return
+        for metric in self._per_instance:
+            metric.remove(instance_id, seen.role)
+
+    # -- the router itself ---------------------------------------------------------------
+
+    def set_router_queue(self, num_in_flight: int, num_queued: int) -> None:
+        """Requests the router is serving now, and those waiting for admission."""
+        self._router_in_flight.set(num_in_flight)
+        self._router_queued.set(num_queued)
+
+    def render(self) -> tuple[bytes, str]:
+        """The body and content type for GET /metrics, in Prometheus text format 0.0.4,
+        which every Prometheus reads. (prometheus_client 0.26 writes OpenMetrics with the
+        `:` of sample names escaped to `_` but not the family's, so it is not offered.)"""
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+    # -- construction --------------------------------------------------------------------
+
+    def _init_request_metrics(self, max_model_len: int) -> _RequestInstruments:
+        def histogram(name: str, help_: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, help_, buckets=buckets, registry=self._inner)
+
+        def counter(name: str, help_: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, help_, labels, registry=self._inner)
+
+        success = counter(
+            "tandem:request_success", "Requests finished, by reason.", ("finished_reason",)
+        )
+        rejected = counter("tandem:requests_rejected", "Requests refused, by reason.", ("reason",))
+        for reason in SUCCESS_REASONS:
+            success.labels(reason)  # so that their rates start at 0, not absent
+        for reason in REJECT_REASONS:
+            rejected.labels(reason)
+        return _RequestInstruments(
+            queue_time=histogram(
+                "tandem:request_queue_time_seconds",
+                "Time from arrival at the router to dispatch to a worker.",
+                REQUEST_LATENCY_BUCKETS,
+            ),
+            ttft=histogram(
+                "tandem:time_to_first_token_seconds",
+                "Time from arrival at the router to the first token.",
+                TTFT_BUCKETS,
+            ),
+            inter_token_latency=histogram(
+                "tandem:inter_token_latency_seconds",
+                "Time between output tokens, per token after the first.",
+                TOKEN_LATENCY_BUCKETS,
+            ),
+            time_per_output_token=histogram(
+                "tandem:request_time_per_output_token_seconds",
+                "Per request: (time of last token - time of first) / (output tokens - 1).",
+                TOKEN_LATENCY_BUCKETS,
+            ),
+            e2e_latency=histogram(
+                "tandem:e2e_request_latency_seconds",
+                "Time from arrival at the router to the end of the request.",
+                REQUEST_LATENCY_BUCKETS,
+            ),
+            request_prompt_tokens=histogram(
+                "tandem:request_prompt_tokens",
+                "Prompt tokens per finished request.",
+                token_buckets(max_model_len),
+            ),
+            request_generation_tokens=histogram(
+                "tandem:request_generation_tokens",
+                "Output tokens per finished request.",
+                token_buckets(max_model_len),
+            ),
+            prompt_tokens=counter("tandem:prompt_tokens", "Prompt tokens of finished requests."),
+            prompt_tokens_cached=counter(
+                "tandem:prompt_tokens_cached", "Prompt tokens found in a prefix cache."
+            ),
+            generation_tokens=counter("tandem:generation_tokens", "Output tokens streamed."),
+            success=success,
+            failed=counter("tandem:requests_failed", "Requests that ended with an error."),
+            rejected=rejected,
+        )
+
+    def _init_kv_transfer_metrics(self) -> None:
+        self._kv_bytes = Counter(
+            "tandem:kv_transfer_bytes", "KV cache bytes handed off.", registry=self._inner
+        )
+        self._kv_seconds = Counter(
+            "tandem:kv_transfer_seconds", "Seconds spent on KV handoffs.", registry=self._inner
+        )
+        self._kv_handoff = Histogram(
+            "tandem:kv_handoff_duration_seconds",
+            "One KV handoff: first block sent to commit acknowledged.",
+            buckets=HANDOFF_BUCKETS,
+            registry=self._inner,
+        )
+
+    def _init_instance_metrics(self) -> None:
+        labels = ("instance", "role")
+        self._instances: dict[str, _InstanceSeen] = {}
+
+        def gauge(name: str, help_: str) -> Gauge:
+            return Gauge(name, help_, labels, registry=self._inner)
+
+        def counter(name: str, help_: str) -> Counter:
+            return Counter(name, help_, labels, registry=self._inner)
+
+        self._num_running = gauge("tandem:num_requests_running", "Requests running on the worker.")
+        self._num_waiting = gauge("tandem:num_requests_waiting", "Requests waiting on the worker.")
+        self._kv_usage = gauge(
+            "tandem:kv_cache_usage_perc", "Fraction of the worker's KV blocks in use (0..1)."
+        )
+        self._prefix_queries = counter(
+            "tandem:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self._prefix_hits = counter(
+            "tandem:prefix_cache_hits", "Prompt tokens found in the prefix cache."
+        )
+        self._per_instance: tuple[Gauge | Counter, ...] = (
+            self._num_running,
+            self._num_waiting,
+            self._kv_usage,
+            self._prefix_queries,
+            self._prefix_hits,
+        )
+
+    def _init_router_metrics(self) -> None:
+        self._router_in_flight = Gauge(
+            "tandem:router_num_requests_in_flight",
+            "Requests the router is serving.",
+            registry=self._inner,
+        )
+        self._router_queued = Gauge(
+            "tandem:router_num_requests_queued",
+            "Requests waiting at the router for admission.",
+            registry=self._inner,
+        )
+
+
+def _counter_increase(previous: int, current: int) -> int:
+    """How much a worker's cumulative total grew; a drop means it restarted from zero."""
+    return current - previous if current >= previous else current
