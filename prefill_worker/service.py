@@ -17,18 +17,16 @@ group by layer group while the rest of its step computes, so the first token wai
 only for the last group, which travels while the logits are sampled. On any failure
 (a deadline, a broken link, D refusing) the request is aborted here, its blocks are
 freed, D is told explicitly with Abort, and the router gets a Failure event.
-Transfers over one link run in order on that link's sender thread; other links are
-not disturbed.
+This module decides what is sent when; handoff.py holds a request's Handoff state
+and the HandoffSender, which runs the transfers over one link in order on that
+link's thread, so other links are not disturbed.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -42,49 +40,14 @@ from cluster.worker_base import (
 )
 from engine.engine import LLMEngine
 from engine.errors import InvalidRequestError
-from engine.kv.link import KVLink, LinkError, LinkManager
+from engine.kv.link import LinkError, LinkManager
 from engine.loop import EngineLoop
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
+from prefill_worker.handoff import Deadlines, Handoff, HandoffSender
 from proto.tandem.internal.v1 import worker_pb2 as pb
 from proto.tandem.internal.v1 import worker_pb2_grpc
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Deadlines:
-    reserve: float = 60.0  # D found room for the request (it waits while D is full)
-    transfer: float = 30.0  # one chunk sent and acknowledged
-    commit: float = 10.0  # D.Commit answered
-    lease: float = 300.0  # D frees the reservation if nothing arrives for this long
-
-
-@dataclass
-class Handoff:
-    request_id: str
-    decode: pb.Peer
-    stub: worker_pb2_grpc.WorkerStub
-    link: KVLink
-    reservation: pb.ReserveRequest  # sent to D when the first blocks are ready
-    events: queue.Queue[pb.PrefillEvent] = field(default_factory=queue.Queue)
-    blocks_queued: int = 0  # blocks handed to the sender so far
-    reserve_queued: bool = False
-    reserved: bool = False  # D holds blocks for it (so an ending must tell D)
-    final_queued: bool = False
-    done: bool = False  # committed, failed or aborted: nothing more is sent
-    kv_bytes: int = 0
-    num_chunks: int = 0
-    first_send: float | None = None
-    first_token_time: float | None = None
-
-
-@dataclass
-class _Job:
-    handoff: Handoff
-    kind: str  # "reserve", "blocks" or "commit"
-    payload: Any
 
 
 class PrefillService(WorkerServicer):
@@ -111,20 +74,21 @@ class PrefillService(WorkerServicer):
         engine.layer_listener = self._on_layer
         self._lock = threading.Lock()
         self._handoffs: dict[str, Handoff] = {}
-        self._senders: dict[str, queue.Queue[_Job | None]] = {}  # link id -> its job queue
+        self.sender = HandoffSender(links, self.deadlines, self._committed, self._fail)
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self.handoffs_completed = 0
         self.handoffs_failed = 0
-        self.kv_bytes_sent = 0
         self.handoff_seconds_total = 0.0
+
+    @property
+    def kv_bytes_sent(self) -> int:
+        return self.sender.kv_bytes_sent
 
     def start(self) -> None:
         self.loop.start()
 
     def stop(self) -> None:
-        with self._lock:
-            for jobs in self._senders.values():
-                jobs.put(None)
+        self.sender.stop()
         self.loop.stop()
 
     # ---- the router's calls -----------------------------------------------------------------
@@ -179,7 +143,7 @@ class PrefillService(WorkerServicer):
         )
         if queued < self.engine.config.max_num_batched_tokens:
             handoff.reserve_queued = True
-            self._send(_Job(handoff, "reserve", None))
+            self.sender.queue_reserve(handoff)
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         with self._lock:
@@ -212,7 +176,8 @@ class PrefillService(WorkerServicer):
             handoff.first_token_time = time.perf_counter()
             handoff.events.put(pb.PrefillEvent(first_token=delta_message(output, 0)))
             self._queue_blocks(handoff, final=True)
-            self._send(_Job(handoff, "commit", list(output.token_ids)))
+            num_kv_tokens = len(output.prompt_token_ids) + len(output.token_ids) - 1
+            self.sender.queue_commit(handoff, list(output.token_ids), num_kv_tokens)
 
     def _after_step(self) -> None:
         with self._lock:
@@ -262,126 +227,11 @@ class PrefillService(WorkerServicer):
         holds num_tokens tokens; asks D for room first if nobody has yet."""
         if not handoff.reserve_queued:
             handoff.reserve_queued = True
-            self._send(_Job(handoff, "reserve", None))
+            self.sender.queue_reserve(handoff)
         data, checksum = self.engine.read_kv(handoff.request_id, start, end, layers)
         filled = min(num_tokens, end * self.block_size) - start * self.block_size
         first_layer = 0 if layers is None else layers.start
-        self._send(_Job(handoff, "blocks", (start, data, filled, checksum, first_layer)))
-
-    # ---- sending (one thread per link) ----------------------------------------------------------
-
-    def _send(self, job: _Job) -> None:
-        link_id = job.handoff.link.link_id
-        with self._lock:
-            jobs = self._senders.get(link_id)
-            if jobs is None:
-                jobs = self._senders[link_id] = queue.Queue()
-                threading.Thread(
-                    target=self._sender, args=(jobs,), name=f"send-{link_id}", daemon=True
-                ).start()
-        jobs.put(job)
-
-    def _sender(self, jobs: queue.Queue[_Job | None]) -> None:
-        while (job := jobs.get()) is not None:
-            handoff = job.handoff
-            if handoff.done:
-                continue
-            try:
-                if job.kind == "reserve":
-                    self._reserve(handoff)
-                elif job.kind == "blocks":
-                    self._send_blocks(handoff, *job.payload)
-                else:
-                    self._commit(handoff, job.payload)
-            except (LinkError, grpc.RpcError) as exc:
-                if isinstance(exc, LinkError):
-                    self.links.drop(handoff.link)
-                message = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-                code = exc.code().name if isinstance(exc, grpc.RpcError) else "UNAVAILABLE"
-                self._fail(handoff, code, f"KV handoff to {handoff.decode.instance_id}: {message}")
-            except Exception as exc:  # a bug: fail this request, keep the thread
-                logger.exception("handoff of %s", handoff.request_id)
-                self._fail(handoff, "INTERNAL", f"KV handoff failed: {exc}")
-
-    def _reserve(self, handoff: Handoff) -> None:
-        """D.Reserve, retried with backoff while D is full, up to the reserve deadline."""
-        deadline = time.monotonic() + self.deadlines.reserve
-        wait = 0.05
-        while True:
-            try:
-                handoff.stub.Reserve(handoff.reservation, timeout=self.deadlines.commit)
-                handoff.reserved = True
-                if handoff.done:  # aborted while the reservation was on its way
-                    self._abort_peer(handoff)
-                return
-            except grpc.RpcError as exc:
-                full = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                if not full or time.monotonic() + wait > deadline or handoff.done:
-                    raise
-            time.sleep(wait)
-            wait = min(wait * 2, 1.0)
-
-    def _send_blocks(
-        self, handoff: Handoff, start: int, data: Any, num_tokens: int, crc: int, first_layer: int
-    ) -> None:
-        link = handoff.link
-        tag = link.next_tag()
-        header = pb.BlocksHeader(
-            request_id=handoff.request_id,
-            link_id=link.link_id,
-            tag=tag,
-            start_block=start,
-            num_blocks=data.shape[1],
-            num_tokens=num_tokens,
-            checksum=crc,
-            shape=list(data.shape),
-            dtype=str(data.dtype).removeprefix("torch."),
-            layer_start=first_layer,
-        )
-        if handoff.first_send is None:
-            handoff.first_send = time.perf_counter()
-        ack = handoff.stub.ReceiveBlocks.future(header, timeout=self.deadlines.transfer)
-        try:
-            link.send(data, tag, self.deadlines.transfer)
-        except LinkError:
-            ack.cancel()
-            raise
-        ack.result()
-        nbytes = data.numel() * data.element_size()
-        handoff.kv_bytes += nbytes
-        handoff.num_chunks += 1
-        with self._lock:
-            self.kv_bytes_sent += nbytes
-
-    def _commit(self, handoff: Handoff, output_token_ids: list[int]) -> None:
-        prompt_len = len(self.engine.requests[handoff.request_id].prompt_token_ids)
-        handoff.stub.Commit(
-            pb.CommitRequest(
-                request_id=handoff.request_id,
-                output_token_ids=output_token_ids,
-                num_kv_tokens=prompt_len + len(output_token_ids) - 1,
-            ),
-            timeout=self.deadlines.commit,
-        )
-        now = time.perf_counter()
-        seconds = now - (handoff.first_send or now)
-        tail = now - (handoff.first_token_time or now)
-        if not self._end(handoff, abort_peer=False):
-            return  # aborted meanwhile: _cancel told D
-        with self._lock:
-            self.handoffs_completed += 1
-            self.handoff_seconds_total += seconds
-        handoff.events.put(
-            pb.PrefillEvent(
-                handoff=pb.HandoffDone(
-                    decode_instance_id=handoff.decode.instance_id,
-                    kv_bytes=handoff.kv_bytes,
-                    seconds=seconds,
-                    tail_seconds=tail,
-                    num_chunks=handoff.num_chunks,
-                )
-            )
-        )
+        self.sender.queue_blocks(handoff, start, data, filled, checksum, first_layer)
 
     # ---- endings -------------------------------------------------------------------------------
 
@@ -394,17 +244,29 @@ class PrefillService(WorkerServicer):
             self._handoffs.pop(handoff.request_id, None)
         self.loop.submit(self.engine.release, handoff.request_id)
         if abort_peer and handoff.reserved:
-            threading.Thread(target=self._abort_peer, args=(handoff,), daemon=True).start()
+            threading.Thread(
+                target=handoff.abort_peer, args=(self.deadlines.commit,), daemon=True
+            ).start()
         return True
 
-    def _abort_peer(self, handoff: Handoff) -> None:
-        try:
-            handoff.stub.Abort(
-                pb.AbortRequest(request_id=handoff.request_id, reason="handoff abandoned"),
-                timeout=self.deadlines.commit,
+    def _committed(self, handoff: Handoff, seconds: float, tail_seconds: float) -> None:
+        """D acknowledged the commit (sender thread): the handoff is done."""
+        if not self._end(handoff, abort_peer=False):
+            return  # aborted meanwhile: _cancel told D
+        with self._lock:
+            self.handoffs_completed += 1
+            self.handoff_seconds_total += seconds
+        handoff.events.put(
+            pb.PrefillEvent(
+                handoff=pb.HandoffDone(
+                    decode_instance_id=handoff.decode.instance_id,
+                    kv_bytes=handoff.kv_bytes,
+                    seconds=seconds,
+                    tail_seconds=tail_seconds,
+                    num_chunks=handoff.num_chunks,
+                )
             )
-        except grpc.RpcError as exc:  # D is gone: its lease frees the blocks
-            logger.info("abort of %s on %s: %s", handoff.request_id, handoff.decode.address, exc)
+        )
 
     def _fail(self, handoff: Handoff, code: str, message: str) -> None:
         if self._end(handoff, abort_peer=True):
@@ -434,7 +296,7 @@ class PrefillService(WorkerServicer):
             return {
                 "handoffs_completed": self.handoffs_completed,
                 "handoffs_failed": self.handoffs_failed,
-                "kv_bytes_sent": self.kv_bytes_sent,
+                "kv_bytes_sent": self.sender.kv_bytes_sent,
                 "handoff_seconds_total": self.handoff_seconds_total,
             }
 

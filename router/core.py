@@ -12,30 +12,30 @@ A request's life on the router (disaggregated):
 A colocated request is one Generate call to instance C; all its tokens, from index 0,
 come on C's Subscribe stream. If the caller stops early (closes the generator, or its
 task is cancelled), or the request fails on the router's side, Abort goes to every
-instance that may hold it.
+instance that may hold it. The worker calls are in dispatch.py, the bounds on what is
+admitted in admission.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from proto.tandem.internal.v1 import worker_pb2
-from router.errors import (
-    NotReadyError,
-    OverloadedError,
-    RouterError,
-    RouterStartError,
+from router.admission import Admission
+from router.dispatch import InFlight, abort_on, generate_colocated, run_prefill
+from router.errors import NotReadyError, RouterError
+from router.instances import (
+    Instance,
+    Subscription,
+    connect_all,
+    wait_streams_open,
 )
-from router.instances import Instance, Subscription, connect, rpc_reason
 from router.load import LoadTracker
 from router.metrics import SLO, RouterMetrics
 from router.policy import (
@@ -46,7 +46,7 @@ from router.policy import (
     RouteRequest,
     RoutingPolicy,
 )
-from router.status import HandoffLog, HandoffRecord, message_to_dict
+from router.status import HandoffLog, HandoffRecord, instance_status, poll_status
 from router.streams import RequestStream
 from router.tokenizer import RouterTokenizer
 
@@ -69,32 +69,6 @@ class RouterConfig:
     slo_classes: Mapping[str, SLO] = field(
         default_factory=lambda: {"default": SLO(ttft_s=1.0, tpot_s=0.1)}
     )
-
-
-@dataclass
-class _InFlight:
-    request_id: str
-    route: Route
-    stream: RequestStream
-    num_prompt_tokens: int
-    waiting: bool = True  # no token yet: its prompt counts against the admission bound
-    prefill_task: asyncio.Task[None] | None = None
-    handoff: HandoffRecord | None = None
-
-
-class _PrefillRate:
-    """Prompt tokens answered per second (a moving average), to say when to retry."""
-
-    def __init__(self, initial: float = 1000.0, weight: float = 0.2) -> None:
-        self.tokens_per_s = initial
-        self._weight = weight
-        self._last: float | None = None
-
-    def answered(self, num_tokens: int, now: float) -> None:
-        if self._last is not None and now > self._last:
-            rate = num_tokens / (now - self._last)
-            self.tokens_per_s += self._weight * (rate - self.tokens_per_s)
-        self._last = now
 
 
 class Router:
@@ -121,14 +95,16 @@ class Router:
         self.config = config or RouterConfig()
         self.handoffs = HandoffLog()
         self._instances: dict[str, Instance] = {}
-        self._in_flight: dict[str, _InFlight] = {}
+        self._in_flight: dict[str, InFlight] = {}
+        self._routed: dict[str, int] = {}  # instance id -> requests in flight routed to it
         self._tasks: set[asyncio.Task[Any]] = set()
         self._aborts: set[asyncio.Task[Any]] = set()  # also in _tasks
         self._tokenizer: RouterTokenizer | None = None
         self._started = False
         self._draining = False
-        self._waiting_prompt_tokens = 0
-        self._prefill_rate = _PrefillRate()
+        self._admission = Admission(
+            self.config.max_in_flight, self.config.max_waiting_prompt_tokens
+        )
         self.metrics = RouterMetrics(self.config.slo_classes)
         self.loads = LoadTracker(max_age_s=self.config.load_max_age_s)
 
@@ -200,7 +176,7 @@ class Router:
     @property
     def waiting_prompt_tokens(self) -> int:
         """Prompt tokens of the requests in flight that have no token yet."""
-        return self._waiting_prompt_tokens
+        return self._admission.waiting_prompt_tokens
 
     @property
     def ready(self) -> bool:
@@ -248,9 +224,11 @@ class Router:
         )
         if route.prefill_id is not None:
             self.loads.on_dispatch(route.decode_id, request_id, len(prompt_token_ids), now)
-        request = _InFlight(request_id, route, RequestStream(request_id), len(prompt_token_ids))
+        request = InFlight(request_id, route, RequestStream(request_id), len(prompt_token_ids))
         self._in_flight[request.request_id] = request
-        self._waiting_prompt_tokens += request.num_prompt_tokens
+        for instance_id in route.instance_ids:
+            self._routed[instance_id] = self._routed.get(instance_id, 0) + 1
+        self._admission.admitted(request.num_prompt_tokens)
         tracked = self.metrics.request_started()
         finish_reason, num_cached = "abort", 0  # unless a last delta says otherwise
         try:
@@ -277,67 +255,31 @@ class Router:
             raise NotReadyError("the router is starting; retry in a moment")
         if self._draining:
             raise NotReadyError("the router is draining and takes no new requests")
-        config = self.config
-        waiting = self._waiting_prompt_tokens
-        if len(self._in_flight) >= config.max_in_flight:
-            raise OverloadedError(
-                f"{len(self._in_flight)} requests are in flight, the most this router "
-                f"admits (max_in_flight); retry later",
-                self._retry_after(),
-            )
-        if waiting and waiting + num_prompt_tokens > config.max_waiting_prompt_tokens:
-            raise OverloadedError(
-                f"{waiting} prompt tokens are waiting for prefill, and this prompt's "
-                f"{num_prompt_tokens} would pass the bound of "
-                f"{config.max_waiting_prompt_tokens} (max_waiting_prompt_tokens); retry later",
-                self._retry_after(),
-            )
+        self._admission.check(len(self._in_flight), num_prompt_tokens)
 
-    def _retry_after(self) -> float:
-        """Seconds until the prompts waiting now are likely to be answered (1 to 60)."""
-        seconds = self._waiting_prompt_tokens / max(self._prefill_rate.tokens_per_s, 1.0)
-        return float(min(60, max(1, math.ceil(seconds))))
-
-    def _answered(self, request: _InFlight) -> None:
+    def _answered(self, request: InFlight) -> None:
         """Its first token came (or it ended): its prompt no longer waits."""
         if request.waiting:
             request.waiting = False
             self.loads.on_finish(
                 request.route.prefill_id or request.route.decode_id, request.request_id
             )
-            self._waiting_prompt_tokens -= request.num_prompt_tokens
-            self._prefill_rate.answered(request.num_prompt_tokens, time.monotonic())
+            self._admission.answered(request.num_prompt_tokens)
 
     async def _poll_loads(self) -> None:
         """Every load_poll_interval_s: each worker's Status, for routing and metrics."""
         request = worker_pb2.StatusRequest()
+        timeout = self.config.rpc_timeout_s
         while True:
-            await asyncio.gather(*(self._poll(i, request) for i in self._instances.values()))
+            await asyncio.gather(
+                *(
+                    poll_status(i, request, timeout, self.loads, self.metrics)
+                    for i in self._instances.values()
+                )
+            )
             waiting = sum(r.waiting for r in self._in_flight.values())
             self.metrics.set_router_queue(len(self._in_flight), waiting)
             await asyncio.sleep(self.config.load_poll_interval_s)
-
-    async def _poll(self, instance: Instance, request: worker_pb2.StatusRequest) -> None:
-        sent = time.monotonic()
-        try:
-            status = await instance.stub.Status(request, timeout=self.config.rpc_timeout_s)
-        except grpc.aio.AioRpcError as e:  # its load goes stale after load_max_age_s
-            logger.debug("Status of %s: %s", instance, rpc_reason(e))
-            self.metrics.forget_instance(instance.instance_id)
-            return
-        try:
-            self.loads.update(instance.instance_id, status, sent)
-        except ValueError as e:
-            logger.warning("Status of %s: %s", instance, e)
-        self.metrics.observe_instance(
-            instance.instance_id,
-            instance.role.value,
-            status.num_running,
-            status.num_waiting,
-            1 - status.num_free_blocks / status.num_blocks if status.num_blocks else 0.0,
-            status.prefix_cache_queries,
-            status.prefix_cache_hits,
-        )
 
     def abort(self, request_id: str) -> bool:
         """Stop a request in flight (by the id its deltas carry): its stream ends with
@@ -354,7 +296,10 @@ class Router:
         `invariants_error`."""
         request = worker_pb2.StatusRequest(check_invariants=check_invariants)
         instances = await asyncio.gather(
-            *(self._instance_status(i, request) for i in self._instances.values())
+            *(
+                instance_status(i, request, self.config.rpc_timeout_s)
+                for i in self._instances.values()
+            )
         )
         return {
             "router_id": self.config.router_id,
@@ -371,21 +316,8 @@ class Router:
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
-        timeout = self.config.connect_timeout_s
-        connected = await asyncio.gather(
-            *(connect(a, timeout, options) for a in self._addresses), return_exceptions=True
-        )
-        for result in connected:
-            if isinstance(result, Instance):
-                self._instances[result.instance_id] = result
-        errors = [r for r in connected if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
-        if len(self._instances) != len(self._addresses):
-            raise RouterStartError("two workers reported the same instance_id")
-        models = {i.info.model_id for i in self._instances.values()}
-        if len(models) > 1:
-            raise RouterStartError(f"the workers serve different models: {sorted(models)}")
+        instances = await connect_all(self._addresses, self.config.connect_timeout_s, options)
+        self._instances = {i.instance_id: i for i in instances}
 
     def _subscribe_all(self) -> None:
         for instance in self._instances.values():
@@ -401,31 +333,17 @@ class Router:
 
     async def _wait_streams_open(self) -> None:
         streaming = [i for i in self._instances.values() if i.streams_tokens]
-        opened = asyncio.gather(*(i.stream_open.wait() for i in streaming))
-        try:
-            await asyncio.wait_for(opened, self.config.connect_timeout_s)
-        except asyncio.TimeoutError as e:
-            closed = ", ".join(str(i) for i in streaming if not i.stream_open.is_set())
-            raise RouterStartError(
-                f"the token stream (Subscribe) of {closed} did not open within "
-                f"{self.config.connect_timeout_s:g} s; check the worker's log (its Subscribe "
-                "must send initial metadata once it has registered the router)"
-            ) from e
+        await wait_streams_open(streaming, self.config.connect_timeout_s)
 
     # -- one request -------------------------------------------------------------------
 
     def _choose_route(self, request: RouteRequest) -> Route:
-        in_flight: dict[str, int] = {}
-        for other in self._in_flight.values():
-            for instance_id in (other.route.prefill_id, other.route.decode_id):
-                if instance_id is not None:
-                    in_flight[instance_id] = in_flight.get(instance_id, 0) + 1
         now = time.monotonic()
         candidates = [
             Candidate(
                 i.instance_id,
                 i.role,
-                in_flight.get(i.instance_id, 0),
+                self._routed.get(i.instance_id, 0),
                 self.loads.current(i.instance_id, now),
                 self.loads.step_model(i.instance_id),
             )
@@ -435,11 +353,18 @@ class Router:
         return self._policy.choose(request, candidates)
 
     async def _dispatch(
-        self, request: _InFlight, prompt_token_ids: list[int], params: worker_pb2.SamplingParams
+        self, request: InFlight, prompt_token_ids: list[int], params: worker_pb2.SamplingParams
     ) -> None:
         decode = self._instances[request.route.decode_id]
+        router_id, timeout = self.config.router_id, self.config.rpc_timeout_s
         if request.route.prefill_id is None:
-            await self._generate_colocated(request, decode, prompt_token_ids, params)
+            generate = worker_pb2.GenerateRequest(
+                request_id=request.request_id,
+                prompt_token_ids=prompt_token_ids,
+                params=params,
+                router_id=router_id,
+            )
+            await generate_colocated(request, decode, generate, timeout)
             return
         prefill = self._instances[request.route.prefill_id]
         prefill_request = worker_pb2.PrefillRequest(
@@ -447,87 +372,36 @@ class Router:
             prompt_token_ids=prompt_token_ids,
             params=params,
             decode=decode.peer(),
-            router_id=self.config.router_id,
+            router_id=router_id,
         )
-        request.prefill_task = self._spawn(self._run_prefill(request, prefill, prefill_request))
-
-    async def _generate_colocated(
-        self,
-        request: _InFlight,
-        instance: Instance,
-        prompt_token_ids: list[int],
-        params: worker_pb2.SamplingParams,
-    ) -> None:
-        generate_request = worker_pb2.GenerateRequest(
-            request_id=request.request_id,
-            prompt_token_ids=prompt_token_ids,
-            params=params,
-            router_id=self.config.router_id,
+        request.prefill_task = self._spawn(
+            run_prefill(request, prefill, decode, prefill_request, self._on_handoff)
         )
-        try:
-            await instance.stub.Generate(generate_request, timeout=self.config.rpc_timeout_s)
-        except grpc.aio.AioRpcError as e:
-            request.stream.fail(f"{instance} did not take the request ({rpc_reason(e)})")
 
-    async def _run_prefill(
-        self, request: _InFlight, prefill: Instance, prefill_request: worker_pb2.PrefillRequest
-    ) -> None:
-        call = prefill.stub.Prefill(prefill_request)
-        try:
-            async for event in call:
-                self._on_prefill_event(request, prefill, event)
-        except grpc.aio.AioRpcError as e:
-            request.stream.fail(f"{prefill} failed the prefill ({rpc_reason(e)})")
-        finally:
-            call.cancel()
-        if request.handoff is None:  # a no-op when the stream is already closed
-            request.stream.fail(f"{prefill} ended the prefill without handing the request off")
+    def _on_handoff(self, record: HandoffRecord) -> None:
+        self.handoffs.add(record)
+        self.metrics.kv_transfer(record.kv_bytes, record.seconds)
 
-    def _on_prefill_event(
-        self, request: _InFlight, prefill: Instance, event: worker_pb2.PrefillEvent
-    ) -> None:
-        kind = event.WhichOneof("event")
-        if kind == "first_token":
-            request.stream.push(event.first_token)
-        elif kind == "handoff":
-            request.handoff = HandoffRecord(
-                request.request_id,
-                prefill.instance_id,
-                request.route.decode_id,
-                event.handoff.kv_bytes,
-                event.handoff.seconds,
-            )
-            self.handoffs.add(request.handoff)
-            self.metrics.kv_transfer(event.handoff.kv_bytes, event.handoff.seconds)
-        elif kind == "failure":
-            decode = self._instances[request.route.decode_id]
-            request.stream.fail(
-                f"{prefill} could not hand the request to {decode} "
-                f"({event.failure.code}: {event.failure.message})"
-            )
-
-    def _end(self, request: _InFlight) -> None:
+    def _end(self, request: InFlight) -> None:
         """Forget the request, and abort it on the workers unless a worker finished it."""
-        self._in_flight.pop(request.request_id, None)
+        if self._in_flight.pop(request.request_id, None) is not None:
+            for instance_id in request.route.instance_ids:
+                self._routed[instance_id] -= 1
         self.loads.on_finish(request.route.decode_id, request.request_id)
         if not request.stream.needs_abort:
             return  # its prefill stream ends by itself: the handoff event may still come
         if request.prefill_task is not None:
             request.prefill_task.cancel()
-        abort = self._spawn(self._abort(request, "the client went away, or the request failed"))
+        abort = self._spawn(
+            abort_on(
+                [self._instances[i] for i in request.route.instance_ids],
+                request.request_id,
+                "the client went away, or the request failed",
+                self.config.rpc_timeout_s,
+            )
+        )
         self._aborts.add(abort)
         abort.add_done_callback(self._aborts.discard)
-
-    async def _abort(self, request: _InFlight, reason: str) -> None:
-        instance_ids = [i for i in (request.route.prefill_id, request.route.decode_id) if i]
-        abort = worker_pb2.AbortRequest(request_id=request.request_id, reason=reason)
-        await asyncio.gather(*(self._abort_on(self._instances[i], abort) for i in instance_ids))
-
-    async def _abort_on(self, instance: Instance, abort: worker_pb2.AbortRequest) -> None:
-        try:
-            await instance.stub.Abort(abort, timeout=self.config.rpc_timeout_s)
-        except grpc.aio.AioRpcError as e:
-            logger.warning("Abort(%s) on %s failed: %s", abort.request_id, instance, rpc_reason(e))
 
     # -- token streams -------------------------------------------------------------------
 
@@ -543,23 +417,6 @@ class Router:
                     f"lost the token stream of {instance} ({reason}); the request was "
                     "aborted, retry it"
                 )
-
-    async def _instance_status(
-        self, instance: Instance, request: worker_pb2.StatusRequest
-    ) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "address": instance.address,
-            "instance_id": instance.instance_id,
-            "role": instance.role.value,
-            "healthy": instance.healthy,
-        }
-        try:
-            status = await instance.stub.Status(request, timeout=self.config.rpc_timeout_s)
-        except grpc.aio.AioRpcError as e:
-            return {**entry, "reachable": False, "error": rpc_reason(e)}
-        reported = message_to_dict(status)
-        reported.pop("step_samples", None)  # up to 256 per worker: for the policies
-        return {**reported, **entry, "reachable": True}
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)

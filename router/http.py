@@ -17,7 +17,8 @@ API key (when keys are configured; the health probes need none), 404 for another
 model, 413 for a body over the limit, 429 with Retry-After when the router is full,
 503 when it is not ready or no instance can take the request, 500 when it failed
 on the workers. A client's X-Request-Id comes back on the response, untouched; it
-is never used as the request's id inside tandem.
+is never used as the request's id inside tandem. router.http_guard holds the checks
+before the routes and the error handlers after them.
 
 A client that goes away ends its requests on the workers: each request's delta
 generator is closed, and Router.generate sends Abort.
@@ -27,29 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from proto.tandem.internal.v1 import worker_pb2
 from router import __version__
 from router.core import Router
-from router.errors import (
-    GenerationError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    NoInstanceError,
-    NotReadyError,
-    OverloadedError,
-    RouterError,
-)
+from router.errors import InvalidRequestError, RouterError
 from router.frontend import (
     Completion,
     SamplingOptions,
@@ -58,6 +48,7 @@ from router.frontend import (
     collect,
     prompt_token_ids,
 )
+from router.http_guard import RequestGuard, add_error_handlers
 from router.metrics import RouterMetrics
 from router.openai_protocol import (
     ChatCompletionRequest,
@@ -71,7 +62,6 @@ from router.openai_protocol import (
 T = TypeVar("T")
 Deltas = AsyncGenerator[worker_pb2.TokenDelta, None]
 
-PROBES = frozenset({"/health", "/ready"})  # answered without an API key
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 routes = APIRouter()
@@ -91,9 +81,10 @@ def create_app(
     app.state.router = router
     app.state.metrics = router.metrics if metrics is None else metrics
     app.include_router(routes)
-    _add_error_handlers(app)
+    add_error_handlers(app)
+    app.add_exception_handler(_ClientGone, _client_gone)
     app.add_middleware(
-        _Guard,
+        RequestGuard,
         api_keys=frozenset(api_keys),
         max_body_bytes=max_body_bytes,
         metrics=app.state.metrics,
@@ -381,152 +372,6 @@ async def _cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
 def _router(request: Request) -> Router:
     router: Router = request.app.state.router
     return router
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    def handler(
-        status_code: int, type_: str, code: str | None = None, rejection: str | None = None
-    ) -> Any:
-        async def handle(request: Request, exc: Exception) -> Response:
-            param = exc.param if isinstance(exc, InvalidRequestError) else None
-            if rejection is not None:
-                _count_rejection(request, rejection)
-            return JSONResponse(error_body(str(exc), type_, param, code), status_code)
-
-        return handle
-
-    async def overloaded(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, OverloadedError)
-        _count_rejection(request, "overloaded", slo_class="default")
-        body = error_body(str(exc), "rate_limit_error", code="overloaded")
-        headers = {"Retry-After": str(math.ceil(exc.retry_after_s))}
-        return JSONResponse(body, 429, headers=headers)
-
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(
-        InvalidRequestError, handler(400, "invalid_request_error", None, "invalid_request")
-    )
-    app.add_exception_handler(
-        ModelNotFoundError,
-        handler(404, "invalid_request_error", "model_not_found", "invalid_request"),
-    )
-    app.add_exception_handler(OverloadedError, overloaded)
-    app.add_exception_handler(NotReadyError, handler(503, "server_error", "not_ready", "not_ready"))
-    app.add_exception_handler(
-        NoInstanceError, handler(503, "server_error", "no_instance", "no_instance")
-    )
-    app.add_exception_handler(GenerationError, handler(500, "server_error"))
-    app.add_exception_handler(RouterError, handler(500, "server_error"))
-    app.add_exception_handler(_ClientGone, _client_gone)
-
-
-def _count_rejection(request: Request, reason: str, slo_class: str | None = None) -> None:
-    """Counts a refusal; with slo_class (the server's doing), also an SLO miss."""
-    metrics: RouterMetrics | None = request.app.state.metrics
-    if metrics is not None:
-        metrics.rejected(reason, slo_class)
-
-
-class _Guard:
-    """ASGI middleware in front of every route: the API key (401), the body size (413),
-    and the client's X-Request-Id, echoed on the response."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        api_keys: frozenset[str],
-        max_body_bytes: int,
-        metrics: RouterMetrics | None,
-    ) -> None:
-        self.app = app
-        self.api_keys = api_keys
-        self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        echo = [(b"x-request-id", headers[b"x-request-id"])] if b"x-request-id" in headers else []
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *echo]}
-            await send(message)
-
-        if self.api_keys and scope["path"] not in PROBES and not self._authorized(headers):
-            message = (
-                "the API key is not valid: send one of this server's keys as "
-                "'Authorization: Bearer <key>'"
-                if b"authorization" in headers
-                else "an API key is required: send 'Authorization: Bearer <key>'"
-            )
-            if self.metrics is not None:
-                self.metrics.rejected("unauthenticated")
-            body = error_body(message, "authentication_error", code="invalid_api_key")
-            await JSONResponse(body, 401)(scope, receive, send_with_id)
-            return
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await self._too_large(scope, receive, send_with_id)
-            return
-        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            # No declared length (a chunked body): read it here, within the bound, and
-            # hand it on whole; FastAPI would turn an error while reading into a 400.
-            buffered = bytearray()
-            while True:
-                incoming = await receive()
-                if incoming["type"] != "http.request":
-                    return  # the client left
-                buffered += incoming.get("body", b"")
-                if len(buffered) > self.max_body_bytes:
-                    await self._too_large(scope, receive, send_with_id)
-                    return
-                if not incoming.get("more_body", False):
-                    break
-            receive = _replay(bytes(buffered), receive)
-        await self.app(scope, receive, send_with_id)
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        key = key.strip()
-        return scheme.lower() == "bearer" and any(
-            hmac.compare_digest(key, k) for k in self.api_keys
-        )
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = (
-            f"the request body is larger than {self.max_body_bytes} bytes, the most this "
-            "router accepts; send a shorter prompt"
-        )
-        if self.metrics is not None:
-            self.metrics.rejected("request_too_large")
-        body = error_body(message, "invalid_request_error", code="request_too_large")
-        await JSONResponse(body, 413)(scope, receive, send)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive() that gives `body` first, then whatever the client sends next."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
-
-
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    _count_rejection(request, "invalid_request")
-    error = exc.errors()[0]
-    param = ".".join(str(p) for p in error["loc"] if p != "body") or None
-    message = f"{param}: {error['msg']}" if param else str(error["msg"])
-    return JSONResponse(error_body(message, "invalid_request_error", param), 400)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

@@ -79,6 +79,41 @@ async def connect(address: str, timeout_s: float, options: Sequence[tuple[str, i
     return Instance(address, info, channel, stub)
 
 
+async def connect_all(
+    addresses: Sequence[str], timeout_s: float, options: Sequence[tuple[str, int]]
+) -> list[Instance]:
+    """connect() to every address at once. Raises RouterStartError if one cannot be
+    reached, two report the same instance id, or they serve different models."""
+    connected = await asyncio.gather(
+        *(connect(a, timeout_s, options) for a in addresses), return_exceptions=True
+    )
+    instances = [r for r in connected if isinstance(r, Instance)]
+    errors = [r for r in connected if isinstance(r, BaseException)]
+    if errors:
+        await asyncio.gather(*(i.channel.close() for i in instances))
+        raise errors[0]
+    if len({i.instance_id for i in instances}) != len(instances):
+        raise RouterStartError("two workers reported the same instance_id")
+    models = {i.info.model_id for i in instances}
+    if len(models) > 1:
+        raise RouterStartError(f"the workers serve different models: {sorted(models)}")
+    return instances
+
+
+async def wait_streams_open(streaming: Sequence[Instance], timeout_s: float) -> None:
+    """Until every instance's token stream is open; RouterStartError after `timeout_s`."""
+    opened = asyncio.gather(*(i.stream_open.wait() for i in streaming))
+    try:
+        await asyncio.wait_for(opened, timeout_s)
+    except asyncio.TimeoutError as e:
+        closed = ", ".join(str(i) for i in streaming if not i.stream_open.is_set())
+        raise RouterStartError(
+            f"the token stream (Subscribe) of {closed} did not open within "
+            f"{timeout_s:g} s; check the worker's log (its Subscribe must send initial "
+            "metadata once it has registered the router)"
+        ) from e
+
+
 class Subscription:
     def __init__(
         self,

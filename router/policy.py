@@ -3,7 +3,8 @@
 A policy is plain Python (no gRPC, no asyncio) so it can be tested alone. The router
 calls `choose()` once per request with the instances that can take work now (each with
 its load from a LoadTracker, or None when unknown or stale), and sends the request
-where the returned Route says. Policies are registered by name in POLICIES:
+where the returned Route says; that contract (RouteRequest, Candidate, Route and
+RoutingPolicy) is in router.policy_base. Policies are registered by name in POLICIES:
 
     round_robin    each pool in turn
     least_loaded   the lowest score (lower is less loaded):
@@ -26,15 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from abc import ABC, abstractmethod
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from router.errors import NoInstanceError
 from router.load import DEFAULT_STEP_TIME_MODEL, InstanceLoad, Role, StepTimeModel
+from router.policy_base import Candidate, Route, RouteRequest, RoutingPolicy
 
 __all__ = [
     "POLICIES",
@@ -53,70 +53,6 @@ __all__ = [
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CHUNK_TOKENS = 512
 DEFAULT_MAX_NUM_SEQS = 256  # the engine's default, for an instance that did not say
-
-
-@dataclass(frozen=True)
-class RouteRequest:
-    """What a policy knows of a request: its prompt (or only the prompt's length, when
-    `prompt_token_ids` is None) and its SLO class and TTFT target, if any."""
-
-    prompt_token_ids: Sequence[int] | None = None
-    num_tokens: int | None = None  # only when prompt_token_ids is None
-    slo_class: str | None = None
-    ttft_target_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if (self.prompt_token_ids is None) == (self.num_tokens is None):
-            raise ValueError("a RouteRequest takes prompt_token_ids or num_tokens, exactly one")
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        if self.prompt_token_ids is not None:
-            return len(self.prompt_token_ids)
-        return self.num_tokens or 0
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """An instance that can take a request now, as a policy sees it."""
-
-    instance_id: str
-    role: Role
-    num_in_flight: int = 0  # requests this router has on it
-    load: InstanceLoad | None = None  # None: unknown or stale
-    step_model: StepTimeModel | None = None  # None: never reported
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where one request runs: prefill on `prefill_id` then decode on `decode_id`,
-    or everything on the colocated instance `decode_id` when `prefill_id` is None.
-    `predicted_ttft_s` is set by policies that predict it (slo_aware)."""
-
-    decode_id: str
-    prefill_id: str | None = None
-    predicted_ttft_s: float | None = field(default=None, compare=False)
-
-    @property
-    def disaggregated(self) -> bool:
-        return self.prefill_id is not None
-
-
-class RoutingPolicy(ABC):
-    def choose(self, request: RouteRequest | int, candidates: Sequence[Candidate]) -> Route:
-        """Pick a route for `request` (an int: a prompt of that many unknown tokens).
-
-        Before: `candidates` are the healthy instances, in a stable order.
-        After: the route names candidates only: a prefill and a decode instance, or one
-        colocated instance. Raises NoInstanceError when no route exists.
-        """
-        if isinstance(request, int):
-            request = RouteRequest(num_tokens=request)
-        return self._choose(request, candidates)
-
-    @abstractmethod
-    def _choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> Route:
-        """choose() with the request normalised; the same contract."""
 
 
 def _pools(candidates: Sequence[Candidate]) -> dict[Role, list[Candidate]]:

@@ -1,4 +1,5 @@
-"""What the router reports about itself and its workers (GET /status).
+"""What the router reports about itself and its workers (GET /status), and asks of
+them (Status, polled for load and metrics).
 
 The handoff log keeps, for every disaggregated request, how many bytes of KV cache
 its prefill instance sent to its decode instance and how long that took (from the
@@ -8,10 +9,20 @@ prefill instance's HandoffDone), as totals and as the latest records.
 from __future__ import annotations
 
 import collections
+import logging
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
+
+from proto.tandem.internal.v1 import worker_pb2
+from router.instances import Instance, rpc_reason
+from router.load import LoadTracker
+from router.metrics import RouterMetrics
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,3 +76,55 @@ def message_to_dict(message: Message) -> dict[str, Any]:
         else:
             out[field.name] = list(value) if field.is_repeated else value
     return out
+
+
+async def instance_status(
+    instance: Instance, request: worker_pb2.StatusRequest, timeout_s: float
+) -> dict[str, Any]:
+    """One worker's Status as JSON, with how the router sees it (address, role,
+    healthy); `reachable` False and the error if it did not answer."""
+    entry: dict[str, Any] = {
+        "address": instance.address,
+        "instance_id": instance.instance_id,
+        "role": instance.role.value,
+        "healthy": instance.healthy,
+    }
+    try:
+        status = await instance.stub.Status(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        return {**entry, "reachable": False, "error": rpc_reason(e)}
+    reported = message_to_dict(status)
+    reported.pop("step_samples", None)  # up to 256 per worker: for the policies
+    return {**reported, **entry, "reachable": True}
+
+
+async def poll_status(
+    instance: Instance,
+    request: worker_pb2.StatusRequest,
+    timeout_s: float,
+    loads: LoadTracker,
+    metrics: RouterMetrics,
+) -> None:
+    """Asks a worker for its Status: its load for the routing policies, its gauges for
+    the metrics. A worker that does not answer is left out of the metrics, and its load
+    goes stale (LoadTracker.max_age_s)."""
+    sent = time.monotonic()
+    try:
+        status = await instance.stub.Status(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        logger.debug("Status of %s: %s", instance, rpc_reason(e))
+        metrics.forget_instance(instance.instance_id)
+        return
+    try:
+        loads.update(instance.instance_id, status, sent)
+    except ValueError as e:
+        logger.warning("Status of %s: %s", instance, e)
+    metrics.observe_instance(
+        instance.instance_id,
+        instance.role.value,
+        status.num_running,
+        status.num_waiting,
+        1 - status.num_free_blocks / status.num_blocks if status.num_blocks else 0.0,
+        status.prefix_cache_queries,
+        status.prefix_cache_hits,
+    )
