@@ -23,7 +23,6 @@ from typing import Any, Protocol
 from cluster.spec import WorkerSpec
 from cluster.worker_main import READY
 
-
 # Seconds the Ray driver waits for a new head node's GCS to publish its port.
 GCS_WAIT_VARIABLE = "RAY_gcs_server_port_wait_time_s"
 
