@@ -36,9 +36,11 @@ def tandem_serve(
     env: dict[str, str] | None = None,
     ready_path: str = "/health",
     stop_signal: int = signal.SIGTERM,
+    processes: list[subprocess.Popen[str]] | None = None,
 ) -> Iterator[tuple[str, int]]:
     """`tandem serve FLAGS` on free ports until `ready_path` answers 200; yields its HTTP
-    URL and gRPC port. Afterwards `stop_signal` stops it, and it must exit cleanly."""
+    URL and gRPC port. Afterwards `stop_signal` stops it, and it must exit cleanly. The
+    process (the leader of a new process group, its workers' too) goes in `processes`."""
     http_port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "tandem.cli", "serve", *flags]
     command += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
@@ -50,6 +52,8 @@ def tandem_serve(
         start_new_session=True,
         env=None if env is None else {**os.environ, **env},
     )
+    if processes is not None:
+        processes.append(process)
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(process.stdout or []), daemon=True).start()
     url = f"http://127.0.0.1:{http_port}"
