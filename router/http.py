@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -253,7 +253,7 @@ async def _events(
     firsts: list[worker_pb2.TokenDelta],
     response: ResponseFormat,
     include_usage: bool,
-) -> AsyncGenerator[str, None]:
+) -> AsyncGenerator[bytes, None]:
     """The choices' chunks as they come, each choice's in order; usage after the last."""
     num_tokens = 0
     num_cached = sum(f.num_cached_tokens for f in firsts)
@@ -267,7 +267,7 @@ async def _events(
         else:
             if include_usage:
                 yield _event(response.usage_chunk(num_tokens, num_cached))
-    yield "data: [DONE]\n\n"
+    yield b"data: [DONE]\n\n"
 
 
 @contextlib.asynccontextmanager
@@ -298,9 +298,22 @@ async def _merged(
                 remaining -= 1
             yield item
 
-    pumps = [asyncio.ensure_future(pump(i, d)) for i, d in enumerate(choices)]
+    async def only_choice() -> AsyncIterator[tuple[int, worker_pb2.TokenDelta, bool]]:
+        # One choice (the common case) needs no pump task and queue: read it directly.
+        delta = firsts[0]
+        yield 0, delta, True
+        while not delta.finished:
+            delta = await anext(choices[0])
+            yield 0, delta, False
+
+    if len(choices) == 1:
+        pumps = []
+        merged = only_choice()
+    else:
+        pumps = [asyncio.ensure_future(pump(i, d)) for i, d in enumerate(choices)]
+        merged = items()
     try:
-        yield items()
+        yield merged
     finally:
         await _cancel_and_wait(*pumps)
         await asyncio.gather(*(d.aclose() for d in choices), return_exceptions=True)
@@ -311,8 +324,8 @@ def _token_text(router: Router) -> Callable[[int], str]:
     return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _event(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: %s\n\n" % orjson.dumps(data)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -321,7 +334,7 @@ class EventStreamResponse(StreamingResponse):
     (Starlette alone notices only the one its ASGI version implies, and leaves closing
     the source to the garbage collector.)"""
 
-    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
         super().__init__(events, media_type="text/event-stream")
         self.headers["Cache-Control"] = "no-cache"
         self._events = events
