@@ -22,12 +22,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from typing import Any
 
 from proto.tandem.internal.v1 import worker_pb2
 from router.admission import Admission
+from router.config import RouterConfig
 from router.dispatch import InFlight, abort_on, generate_colocated, run_prefill
 from router.errors import NotReadyError, RouterError
 from router.instances import (
@@ -37,7 +37,7 @@ from router.instances import (
     wait_streams_open,
 )
 from router.load import LoadTracker
-from router.metrics import SLO, RouterMetrics
+from router.metrics import RouterMetrics
 from router.policy import (
     Candidate,
     Role,
@@ -51,24 +51,6 @@ from router.streams import RequestStream
 from router.tokenizer import RouterTokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    router_id: str = field(default_factory=lambda: f"router-{uuid.uuid4().hex[:12]}")
-    connect_timeout_s: float = 30.0  # start(): each worker's Info and first token stream
-    rpc_timeout_s: float = 10.0  # Generate, Abort and Status calls
-    reconnect_backoff_s: tuple[float, float] = (0.1, 5.0)  # first and longest wait
-    max_message_bytes: int = 64 << 20  # Info carries the tokenizer: several MB
-    # Admission: beyond either bound a new request is refused (HTTP 429) instead of
-    # queueing without limit on the workers.
-    max_in_flight: int = 1024  # requests on the workers
-    max_waiting_prompt_tokens: int = 65536  # prompt tokens not yet answered by a first token
-    load_poll_interval_s: float = 0.5  # each worker's Status: load for routing and metrics
-    load_max_age_s: float = 5.0  # an older load is unknown to the policies
-    slo_classes: Mapping[str, SLO] = field(
-        default_factory=lambda: {"default": SLO(ttft_s=1.0, tpot_s=0.1)}
-    )
 
 
 class Router:

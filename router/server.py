@@ -26,7 +26,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from router.core import Router, RouterConfig
+from router.config import RouterConfig
+from router.core import Router
 from router.grpc_api import start_grpc_server
 from router.http import DEFAULT_MAX_BODY_BYTES, create_app
 from router.policy import POLICIES, RoutingPolicy, make_policy

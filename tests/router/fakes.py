@@ -24,7 +24,8 @@ from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.processors import TemplateProcessing
 
 from proto.tandem.internal.v1 import worker_pb2, worker_pb2_grpc
-from router.core import Router, RouterConfig
+from router.config import RouterConfig
+from router.core import Router
 
 SPECIAL_TOKENS = ["[UNK]", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 WORDS = ["hello", "world", "the", "cat", "sat", "on", "a", "mat", "why", "is", "sky", "blue"]

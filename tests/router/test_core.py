@@ -7,7 +7,8 @@ import contextlib
 import pytest
 
 from proto.tandem.internal.v1 import worker_pb2
-from router.core import Router, RouterConfig
+from router.config import RouterConfig
+from router.core import Router
 from router.errors import NoInstanceError, RouterStartError
 from tests.router.fakes import MODEL_ID, VOCAB, fake_workers, started_router, wait_until
 

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proto.tandem.internal.v1 import worker_pb2
 from router import __version__
-from router.core import Router, RouterConfig
+from router.config import RouterConfig
+from router.core import Router
 from router.frontend import collect
 from router.http import create_app
 from router.policy import POLICIES, make_policy

@@ -1,0 +1,27 @@
+"""The router's settings: timeouts, admission bounds, load polling and SLO classes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from router.metrics import SLO
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    router_id: str = field(default_factory=lambda: f"router-{uuid.uuid4().hex[:12]}")
+    connect_timeout_s: float = 30.0  # start(): each worker's Info and first token stream
+    rpc_timeout_s: float = 10.0  # Generate, Abort and Status calls
+    reconnect_backoff_s: tuple[float, float] = (0.1, 5.0)  # first and longest wait
+    max_message_bytes: int = 64 << 20  # Info carries the tokenizer: several MB
+    # Admission: beyond either bound a new request is refused (HTTP 429) instead of
+    # queueing without limit on the workers.
+    max_in_flight: int = 1024  # requests on the workers
+    max_waiting_prompt_tokens: int = 65536  # prompt tokens not yet answered by a first token
+    load_poll_interval_s: float = 0.5  # each worker's Status: load for routing and metrics
+    load_max_age_s: float = 5.0  # an older load is unknown to the policies
+    slo_classes: Mapping[str, SLO] = field(
+        default_factory=lambda: {"default": SLO(ttft_s=1.0, tpot_s=0.1)}
+    )
