@@ -254,74 +254,104 @@ async def _events(
     response: ResponseFormat,
     include_usage: bool,
 ) -> AsyncGenerator[bytes, None]:
-    """The choices' chunks as they come, each choice's in order; usage after the last."""
+    """The choices' chunks as they come, each choice's in order; usage after the last.
+    The last piece (the final chunk, usage and [DONE]) is one bytes, so it reaches the
+    client in one write."""
     num_tokens = 0
     num_cached = sum(f.num_cached_tokens for f in firsts)
+    ending = b""
     async with _merged(choices, firsts) as merged:
         async for index, delta, first in merged:
             if delta.finish_reason == "error":
-                yield _event(error_body(delta.error, "server_error"))
+                ending = _event(error_body(delta.error, "server_error"))
                 break
             num_tokens += len(delta.token_ids)
-            yield _event(response.chunk(index, delta, first))
-        else:
+            chunk = _event(response.chunk(index, delta, first))
+            if not merged.last:
+                yield chunk
+                continue
+            ending = chunk
             if include_usage:
-                yield _event(response.usage_chunk(num_tokens, num_cached))
-    yield b"data: [DONE]\n\n"
+                ending += _event(response.usage_chunk(num_tokens, num_cached))
+    yield ending + DONE
 
 
 @contextlib.asynccontextmanager
 async def _merged(
     choices: list[Deltas], firsts: list[worker_pb2.TokenDelta]
-) -> AsyncIterator[AsyncIterator[tuple[int, worker_pb2.TokenDelta, bool]]]:
+) -> AsyncIterator[_Merged]:
     """(choice index, delta, is its first) from all choices, until each has finished.
     Leaving the context closes every choice (aborting the unfinished ones)."""
-    queue: asyncio.Queue[tuple[int, worker_pb2.TokenDelta, bool] | BaseException] = asyncio.Queue()
-
-    async def pump(index: int, deltas: Deltas) -> None:
-        try:
-            delta = firsts[index]
-            queue.put_nowait((index, delta, True))
-            while not delta.finished:
-                delta = await anext(deltas)
-                queue.put_nowait((index, delta, False))
-        except Exception as exc:
-            queue.put_nowait(exc)
-
-    async def items() -> AsyncIterator[tuple[int, worker_pb2.TokenDelta, bool]]:
-        remaining = len(choices)
-        while remaining:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item[1].finished:
-                remaining -= 1
-            yield item
-
-    async def only_choice() -> AsyncIterator[tuple[int, worker_pb2.TokenDelta, bool]]:
-        # One choice (the common case) needs no pump task and queue: read it directly.
-        delta = firsts[0]
-        yield 0, delta, True
-        while not delta.finished:
-            delta = await anext(choices[0])
-            yield 0, delta, False
-
-    if len(choices) == 1:
-        pumps = []
-        merged = only_choice()
-    else:
-        pumps = [asyncio.ensure_future(pump(i, d)) for i, d in enumerate(choices)]
-        merged = items()
+    merged = _Merged(choices, firsts)
     try:
         yield merged
     finally:
-        await _cancel_and_wait(*pumps)
+        await _cancel_and_wait(*merged.pumps)
         await asyncio.gather(*(d.aclose() for d in choices), return_exceptions=True)
+
+
+class _Merged:
+    """Iterates (choice index, delta, is its first) over every choice until each has
+    finished; `last` turns true with the item that finishes the final choice. One choice
+    (the common case) is read directly; several are pumped into one queue."""
+
+    def __init__(self, choices: list[Deltas], firsts: list[worker_pb2.TokenDelta]) -> None:
+        self.last = False
+        self._choices = choices
+        self._firsts = firsts
+        self._remaining = len(choices)
+        self._queue: asyncio.Queue[tuple[int, worker_pb2.TokenDelta, bool] | BaseException]
+        self.pumps: list[asyncio.Future[None]] = []
+        if len(choices) == 1:
+            self._items = self._only_choice()
+        else:
+            self._queue = asyncio.Queue()
+            self.pumps = [asyncio.ensure_future(self._pump(i, d)) for i, d in enumerate(choices)]
+            self._items = self._from_queue()
+
+    def __aiter__(self) -> _Merged:
+        return self
+
+    async def __anext__(self) -> tuple[int, worker_pb2.TokenDelta, bool]:
+        if self.last:
+            raise StopAsyncIteration
+        item = await anext(self._items)
+        if item[1].finished:
+            self._remaining -= 1
+            self.last = self._remaining == 0
+        return item
+
+    async def _only_choice(self) -> AsyncIterator[tuple[int, worker_pb2.TokenDelta, bool]]:
+        delta = self._firsts[0]
+        yield 0, delta, True
+        while not delta.finished:
+            delta = await anext(self._choices[0])
+            yield 0, delta, False
+
+    async def _pump(self, index: int, deltas: Deltas) -> None:
+        try:
+            delta = self._firsts[index]
+            self._queue.put_nowait((index, delta, True))
+            while not delta.finished:
+                delta = await anext(deltas)
+                self._queue.put_nowait((index, delta, False))
+        except Exception as exc:
+            self._queue.put_nowait(exc)
+
+    async def _from_queue(self) -> AsyncIterator[tuple[int, worker_pb2.TokenDelta, bool]]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def _token_text(router: Router) -> Callable[[int], str]:
     tokenizer = router.tokenizer
     return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+DONE = b"data: [DONE]\n\n"
 
 
 def _event(data: dict[str, Any]) -> bytes:
@@ -338,6 +368,19 @@ class EventStreamResponse(StreamingResponse):
         super().__init__(events, media_type="text/event-stream")
         self.headers["Cache-Control"] = "no-cache"
         self._events = events
+
+    async def stream_response(self, send: Send) -> None:
+        """As Starlette's, but the piece that ends with [DONE] also ends the body, so
+        the chunked encoding's terminator goes out in the same write."""
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for chunk in self._events:
+            ended = chunk.endswith(DONE)
+            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+            if ended:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         writing = asyncio.ensure_future(self.stream_response(send))

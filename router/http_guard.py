@@ -58,12 +58,14 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        echo = [(b"x-request-id", headers[b"x-request-id"])] if b"x-request-id" in headers else []
+        send_with_id = send
+        if b"x-request-id" in headers:
+            echo = [(b"x-request-id", headers[b"x-request-id"])]
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *echo]}
-            await send(message)
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message.get("headers", []), *echo]}
+                await send(message)
 
         if self.api_keys and scope["path"] not in PROBES and not self._authorized(headers):
             await self._unauthorized(headers, scope, receive, send_with_id)

@@ -69,7 +69,11 @@ async def _serve_http(
     app: FastAPI, host: str, port: int, ready_event: asyncio.Event | None
 ) -> None:
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", timeout_graceful_shutdown=GRACE_S
+        app,
+        http="httptools",  # uvicorn's C parser; its h11 default is pure Python
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=GRACE_S,
     )
     server = _HttpServer(config)
     # Binding here makes a taken port an OSError, not uvicorn's sys.exit().
