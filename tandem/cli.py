@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--top-p", type=float, default=1.0)
         sub.add_argument("--seed", type=int, default=None)
     _add_serve(commands)
+    commands.add_parser(
+        "bench", help="serving benchmark: `tandem bench run|compare --help`", add_help=False
+    )
     return parser
 
 
@@ -68,6 +71,11 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser: `tandem bench run|compare ...`
+        from benchmarks.serving.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
