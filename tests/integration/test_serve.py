@@ -7,8 +7,11 @@ them abandoned at every stage, must leave every KV block free on both workers.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,6 +19,8 @@ import grpc
 import httpx
 import pytest
 
+from benchmarks.serving.cli import tokenizer_for
+from benchmarks.serving.workloads import build
 from proto.tandem.v1 import tandem_pb2, tandem_pb2_grpc
 from tests.integration.serving import complete, greedy_token_ids, tandem_serve
 
@@ -129,3 +134,29 @@ def test_no_block_leaks_when_requests_are_abandoned(server, prompts):
         assert worker.get("invariants_error", "") == "", worker
     # And the server still serves.
     assert complete(url, prompts[2], 4)["choices"][0]["finish_reason"] == "length"
+
+
+def test_tandem_bench_run_measures_every_requested_token(server, tmp_path):
+    """`tandem bench run` against the server: each request streams exactly the output
+    length its workload asked for (EOS ignored), and the results carry vLLM's keys."""
+    url, _ = server
+    command = [sys.executable, "-m", "tandem.cli", "bench", "run", "--url", url]
+    command += ["--workload", "sharegpt", "--num-prompts", "4", "--rates", "20"]
+    command += ["--label", "it", "--out", str(tmp_path), "--seed", "5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "goodput (strict" in done.stdout
+    point = json.loads((tmp_path / "it-sharegpt-20.json").read_text())
+    asked = [r.output_len for r in build("sharegpt", tokenizer_for(), 4, 5)]
+    assert point["completed"] == 4 and point["failed"] == 0
+    assert point["output_lens"] == asked
+    assert point["total_output_tokens"] == sum(asked)
+    assert all(text for text in point["generated_texts"])
+    # Chunks after the first: one per token, none lost or merged.
+    assert [len(itls) for itls in point["itls"]] == [n - 1 for n in asked]
+    for key in ("median_ttft_ms", "p99_tpot_ms", "mean_itl_ms", "p90_e2el_ms", "request_goodput"):
+        assert point[key] >= 0, key
+    assert 0 <= point["slo_attainment"]["strict"]["both"] <= 1
+    sweep = json.loads((tmp_path / "it-sharegpt-sweep.json").read_text())
+    assert set(sweep["goodput"]) == {"strict", "relaxed"}
+    assert (tmp_path / "it-sharegpt-strict.png").stat().st_size > 0
