@@ -34,9 +34,9 @@ from bench_common import (
 )
 from export_model import DEFAULT_OUT, ensure_exported
 
+from benchmarks.serving.systems import find_vllm_venv, vllm_env
+
 NUM_THREADS = 2
-REPO_ROOT = Path(__file__).resolve().parent.parent
-VLLM_VENVS = (REPO_ROOT / ".venv-vllm", Path("/work/vllm-venv"))
 SYSTEMS = ("tandem", "transformers", "vllm")
 
 
@@ -135,17 +135,6 @@ def run_transformers(
     return report
 
 
-def _vllm_env(venv: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "LD_PRELOAD": str(venv / "lib" / "libiomp5.so"),
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{NUM_THREADS - 1}",
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "4",
-        "HF_HUB_OFFLINE": "1",
-    }
-
-
 def _vllm_subprocess(
     venv: Path, model_dir: Path, dtype: str, prompts: list[list[int]], output_len: int
 ) -> dict[str, Any]:
@@ -161,7 +150,12 @@ def _vllm_subprocess(
             "--out", str(out_path), "--max-tokens", str(output_len),
         ]  # fmt: skip
         with log_path.open("w") as log:
-            subprocess.run(command, env=_vllm_env(venv), stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(
+                command,
+                env={**os.environ, **vllm_env(venv, f"0-{NUM_THREADS - 1}", kv_cache_gb=4)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         if not out_path.is_file():
             return {"status": "error", "error": f"vLLM wrote no result; see {log_path}"}
         return json.loads(out_path.read_text())
@@ -170,9 +164,10 @@ def _vllm_subprocess(
 def run_vllm(
     model_dir: Path, dtype: str, prompts: list[list[int]], args: argparse.Namespace
 ) -> dict[str, Any]:
-    venv = args.vllm_venv or next((v for v in VLLM_VENVS if v.is_dir()), None)
-    if venv is None:
-        return _failure("vllm", dtype, "no vLLM venv found; create one with setup_vllm.sh")
+    try:
+        venv = find_vllm_venv(args.vllm_venv)
+    except RuntimeError as error:
+        return _failure("vllm", dtype, str(error))
     raw = _vllm_subprocess(venv, model_dir, dtype, prompts, args.output_len)
     if raw["status"] != "ok":
         return _failure("vllm", dtype, raw["error"])

@@ -41,6 +41,8 @@ from typing import Any
 
 from bench_common import RESULTS_DIR, load_average, machine_info, write_json
 
+from benchmarks.serving.systems import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Summarize the history of the printing press in a few sentences for a young reader."
 TARGETS = {"requests_per_s": 2000, "tokens_per_s": 50000, "p99_added_ms": 2.0}
@@ -219,14 +221,6 @@ def added_latency(samples: list[Sample], sent: dict[str, list[float]]) -> dict[s
 
 
 # ---- processes -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(command: list[str], cpus: str, log: Path, ready: str | None = None) -> subprocess.Popen:

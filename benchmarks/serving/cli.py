@@ -41,6 +41,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--workload", choices=workloads.WORKLOADS, default="sharegpt")
     run.add_argument("--rates", type=float, nargs="+", default=None, help="requests per second")
     run.add_argument("--label", default="server", help="names the result files")
+    run.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the served model's .gguf file or directory, for its tokenizer (default: SmolLM2)",
+    )
     run.add_argument("--out", type=Path, default=RESULTS_DIR / "raw")
     compare = commands.add_parser("compare", help="tandem's modes and vLLM, side by side")
     compare.add_argument("--systems", nargs="+", default=None, help="default: all four")
@@ -101,16 +106,13 @@ def settings_for(workload: str, custom: dict[str, SloSet]) -> dict[str, SloSet]:
     return custom or DEFAULT_SLOS[workload]
 
 
-def tokenizer_for(model_dir: Path | None = None) -> Any:
-    """The model's tokenizer: the exported directory's, or the default GGUF's."""
-    if model_dir is not None:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(model_dir))
+def tokenizer_for(model: Path | str | None = None) -> Any:
+    """The tokenizer of `model` (a .gguf file or a safetensors directory, as for `tandem
+    serve --model`); the default model's when None."""
     from engine.models.source import resolve_model
     from engine.tokenizer import load_tokenizer
 
-    return load_tokenizer(resolve_model(None))
+    return load_tokenizer(resolve_model(model))
 
 
 def save_point(out: Path, name: str, point: Point) -> None:
@@ -122,7 +124,9 @@ def save_point(out: Path, name: str, point: Point) -> None:
 async def _run(args: argparse.Namespace, custom: dict[str, SloSet]) -> None:
     settings = settings_for(args.workload, custom)
     rates = args.rates or DEFAULT_RATES[args.workload]
-    requests = workloads.build(args.workload, tokenizer_for(), args.num_prompts, args.seed)
+    requests = workloads.build(
+        args.workload, tokenizer_for(args.tokenizer), args.num_prompts, args.seed
+    )
     base_url = args.url.rstrip("/")
     points = []
     for rate in rates:
@@ -159,11 +163,11 @@ async def _run(args: argparse.Namespace, custom: dict[str, SloSet]) -> None:
         )
     print_table(f"{args.label}, {args.workload} ({len(requests)} requests per rate)", points)
     for name, value in goodputs.items():
-        print(f"goodput ({name}, 90% meet both targets): {_goodput_text(value)}")
+        print(f"goodput ({name}, 90% meet both targets): {goodput_text(value)}")
     print(f"results: {args.out}")
 
 
-def _goodput_text(value: dict[str, Any]) -> str:
+def goodput_text(value: dict[str, Any]) -> str:
     if value["bound"] == "below":
         return "below the lowest rate swept"
     prefix = ">= " if value["bound"] == "at_least" else ""

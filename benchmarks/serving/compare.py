@@ -21,7 +21,7 @@ from typing import Any
 from benchmarks.serving import plots, workloads
 from benchmarks.serving.cli import (
     DEFAULT_RATES,
-    _goodput_text,
+    goodput_text,
     save_point,
     settings_for,
     tokenizer_for,
@@ -84,6 +84,7 @@ def compare(args: argparse.Namespace, custom: dict[str, SloSet]) -> None:
                     conversations,
                     headline_workload,
                     float(headline_rate),
+                    rates[workload],
                     args,
                     custom,
                 )
@@ -105,16 +106,8 @@ def _sweep(
     points: dict[str, list[Point]] = {s.name: [] for s in servers}
     for turn, rate in enumerate(rates):
         for s in servers[turn % len(servers) :] + servers[: turn % len(servers)]:
-            point = asyncio.run(
-                run_point(
-                    s.base_url, requests, rate, settings, seed=args.seed,
-                    burstiness=args.burstiness, ignore_eos=not args.no_ignore_eos,
-                    max_request_s=args.max_request_s, label=f"{s.name} {workload} {rate:g}/s",
-                )
-            )  # fmt: skip
-            save_point(args.out / "raw", f"{s.name}-{workload}-{rate:g}-seed{args.seed}", point)
+            point = _measure(s, requests, rate, settings, args.seed, args, workload)
             points[s.name].append(point)
-            print_table(f"{s.name}, {workload}", [point])
     for name, series in points.items():
         series.sort(key=lambda p: p.summary["request_rate"])
         print_table(f"== {name}, {workload}", series)
@@ -149,6 +142,7 @@ def _headline(
     conversations: list[tuple[str, str]],
     workload: str,
     rate: float,
+    swept: list[float],
     args: argparse.Namespace,
     custom: dict[str, SloSet],
 ) -> dict[str, Any]:
@@ -156,37 +150,36 @@ def _headline(
     settings = settings_for(workload, custom)
     runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
     for seed in args.seeds:
-        if seed == args.seed and rate in _swept(args, workload):
+        if seed == args.seed and rate in swept:
             continue  # the sweep ran this one
         requests = workloads.build(workload, tokenizer, args.num_prompts, seed, conversations)
         for s in servers:
-            point = asyncio.run(
-                run_point(
-                    s.base_url, requests, rate, settings, seed=seed, burstiness=args.burstiness,
-                    ignore_eos=not args.no_ignore_eos, max_request_s=args.max_request_s,
-                    label=f"{s.name} {workload} {rate:g}/s seed {seed}",
-                )
-            )  # fmt: skip
-            save_point(args.out / "raw", f"{s.name}-{workload}-{rate:g}-seed{seed}", point)
-            runs[s.name].append(
-                {
-                    "seed": seed,
-                    "slo_attainment": point.summary["slo_attainment"],
-                    "median_ttft_ms": point.summary["median_ttft_ms"],
-                    "median_tpot_ms": point.summary["median_tpot_ms"],
-                    "load_average_before": point.summary["load_average_before"],
-                }
-            )
-            print_table(f"{s.name}, {workload}, seed {seed}", [point])
+            summary = _measure(s, requests, rate, settings, seed, args, workload).summary
+            keys = ("slo_attainment", "median_ttft_ms", "median_tpot_ms", "load_average_before")
+            runs[s.name].append({"seed": seed, **{k: summary[k] for k in keys}})
     return {"workload": workload, "rate": rate, "runs": runs}
 
 
-def _swept(args: argparse.Namespace, workload: str) -> list[float]:
-    for text in args.rates:
-        name, _, values = text.partition("=")
-        if name == workload:
-            return [float(v) for v in values.split(",")]
-    return DEFAULT_RATES[workload]
+def _measure(
+    s: Server,
+    requests: list[workloads.BenchRequest],
+    rate: float,
+    settings: dict[str, SloSet],
+    seed: int,
+    args: argparse.Namespace,
+    workload: str,
+) -> Point:
+    """One point on one server; its per-request data saved under raw/, a line printed."""
+    point = asyncio.run(
+        run_point(
+            s.base_url, requests, rate, settings, seed=seed, burstiness=args.burstiness,
+            ignore_eos=not args.no_ignore_eos, max_request_s=args.max_request_s,
+            label=f"{s.name} {workload} {rate:g}/s seed {seed}",
+        )
+    )  # fmt: skip
+    save_point(args.out / "raw", f"{s.name}-{workload}-{rate:g}-seed{seed}", point)
+    print_table(f"{s.name}, {workload}, seed {seed}", [point])
+    return point
 
 
 def _plot(
@@ -243,7 +236,7 @@ def table(report: dict[str, Any]) -> str:
                 )
                 per_core = value["rate"] / cores
                 lines.append(
-                    f"| {workload} | {slo} | {system} | {_goodput_text(value)} | {per_core:.2f} | "
+                    f"| {workload} | {slo} | {system} | {goodput_text(value)} | {per_core:.2f} | "
                     f"{ratio_text} |"
                 )
     return "\n".join(lines) + "\n"

@@ -114,27 +114,38 @@ def tandem_server(name: str, model_dir: Path, dtype: str) -> Server:
     return Server(name, command, port)
 
 
-def vllm_server(model_dir: Path, dtype: str, cpus: str, venv: Path | None) -> Server:
-    venv = venv or next((v for v in VLLM_VENVS if v.is_dir()), None)
+def find_vllm_venv(explicit: Path | None = None) -> Path:
+    """`explicit`, else the first of VLLM_VENVS that exists."""
+    venv = explicit or next((v for v in VLLM_VENVS if v.is_dir()), None)
     if venv is None:
         raise RuntimeError(
             "no vLLM venv: run `bash benchmarks/setup_vllm.sh` (or pass --vllm-venv)"
         )
+    return venv
+
+
+def vllm_env(venv: Path, cpus: str, kv_cache_gb: int) -> dict[str, str]:
+    """What vLLM's CPU build needs set: Intel's OpenMP preloaded, its threads bound to
+    `cpus`, none reserved, and a KV cache of `kv_cache_gb`; no hub, no usage reports."""
+    return {
+        "LD_PRELOAD": str(venv / "lib" / "libiomp5.so"),
+        "VLLM_CPU_OMP_THREADS_BIND": cpus,
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+
+
+def vllm_server(model_dir: Path, dtype: str, cpus: str, venv: Path | None) -> Server:
+    venv = find_vllm_venv(venv)
     port = free_port()
     command = [
         str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--dtype", dtype, "--port", str(port),
         "--host", "127.0.0.1", "--max-model-len", "2048", "--disable-log-stats",
     ]  # fmt: skip
-    env = {
-        "LD_PRELOAD": str(venv / "lib" / "libiomp5.so"),
-        "VLLM_CPU_OMP_THREADS_BIND": cpus,
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "2",
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-    }
-    return Server("vllm", command, port, env)
+    return Server("vllm", command, port, vllm_env(venv, cpus, kv_cache_gb=2))
 
 
 def server(name: str, model_dir: Path, dtype: str, cpus: str, vllm_venv: Path | None) -> Server:
