@@ -39,6 +39,7 @@ class DeploymentOptions:
     kv_cache_memory_bytes: int = 1 << 30
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
     # Ray: all workers in one STRICT_PACK placement group, on one node. None: pack when
     # Ray runs on this machine alone (no ray_address), so the workers share its cores.
     pack: bool | None = None
@@ -72,6 +73,7 @@ class DeploymentOptions:
             "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
             "num_blocks": self.num_blocks,
             "enable_prefix_caching": self.enable_prefix_caching,
+            "attention_backend": self.attention_backend,
         }
         if self.mode == "colocated":
             return [

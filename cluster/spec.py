@@ -31,6 +31,7 @@ class WorkerSpec:
     kv_cache_memory_bytes: int = 1 << 30
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
     max_model_len: int | None = None
     deadlines: dict[str, float] = field(default_factory=dict)  # prefill: reserve/transfer/...
     kv_layer_groups: int = 3  # prefill: the final chunk's KV leaves in this many layer groups
@@ -58,5 +59,6 @@ class WorkerSpec:
             "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
             "num_blocks": self.num_blocks,
             "enable_prefix_caching": self.enable_prefix_caching,
+            "attention_backend": self.attention_backend,
             "max_model_len": self.max_model_len,
         }

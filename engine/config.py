@@ -73,7 +73,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # "cpu" (C++ kernels) where they build, else "torch"
     num_threads: int | None = None
     seed: int = 0
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """TANDEM_CACHE_DIR: where converted tokenizers are kept (default ~/.cache/tandem)."""
+    """TANDEM_CACHE_DIR: converted tokenizers and built CPU kernels (default ~/.cache/tandem)."""
     return Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem"))
 
 

@@ -12,6 +12,7 @@ and the router: OpenAI HTTP on 127.0.0.1:8000 and gRPC on 127.0.0.1:50051.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import signal
 import sys
 from collections.abc import Sequence
@@ -65,6 +66,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs")
     serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="chunk budget")
     serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per worker")
+    serve.add_argument(
+        "--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
+        help="auto: the C++ CPU kernel where a compiler builds it, else torch",
+    )  # fmt: skip
     from router.server import add_front_door_arguments
 
     add_front_door_arguments(serve)
@@ -120,6 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
             cpus_per_worker=args.cpus_per_worker,
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30)),
+            attention_backend=args.attention_backend,
         )
         front_door = front_door_options(args)
     except (ValueError, OSError) as error:
@@ -127,6 +133,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     deployment = Deployment(options)
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: workers down, then exit
+    # A shell starts background jobs (`tandem serve &`, nohup) with SIGINT ignored, and
+    # Python keeps it so; then Ctrl-C or kill -INT would never stop the server.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every stack
     try:
         addresses = deployment.start()
         asyncio.run(serve(addresses, args.host, args.http_port, args.grpc_port, **front_door))

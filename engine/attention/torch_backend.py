@@ -33,6 +33,7 @@ class TorchPlan:
     single_token_ids: torch.Tensor  # [S] batch rows of the one-token requests
     single_tables: torch.Tensor  # [S, max_blocks] int64, padded with block 0
     single_mask: torch.Tensor  # [S, 1, 1, max_blocks * BS] bool
+    single_context_lens: torch.Tensor  # [S] int64
     chunks: list[_Chunk]
 
 
@@ -68,6 +69,7 @@ class TorchAttention(AttentionBackend):
             single_token_ids=torch.tensor(single_rows, dtype=torch.int64),
             single_tables=torch.tensor(padded, dtype=torch.int64).view(len(padded), max_blocks),
             single_mask=(key_pos[None, :] < lens[:, None])[:, None, None, :],
+            single_context_lens=lens,
             chunks=chunks,
         )
 

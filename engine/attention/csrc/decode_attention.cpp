@@ -1,0 +1,233 @@
+// Paged decode attention on CPU: one new query token per request, attending over the
+// request's cached keys and values read in place from its blocks (no gather, no padding).
+//
+// Layout (engine/attention/base.py): kv_cache [num_blocks, 2, block_size, KVH, D], where
+// [:, 0] holds keys and [:, 1] values. Each (request, KV head) pair is one task: its G
+// query heads (G = H / KVH, grouped-query attention) are scored together, so every key
+// and value row is read once, and the softmax is computed online block by block in
+// float32 (running max m, running sum l, accumulator acc), as in FlashAttention.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;  // partial sums per dot product, so the loop vectorizes
+
+
+// exp(x) for x <= 0 (scores minus their running max), to float32 precision: x = n ln2 + r
+// with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial, 2^n by building the
+// exponent bits. Branch-free, so a loop of it vectorizes (std::exp does not).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // below this exp underflows float32 anyway
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// The strides of one layer's cache, [NB, 2, BS, KVH, D], that a block walk needs.
+struct Shape {
+  int64_t head_dim, group, block_size;
+  int64_t half_stride;   // keys -> values of the same block
+  int64_t token_stride;  // token t -> t + 1 within a block (KVH * D)
+};
+
+// Blocks sit anywhere in the cache, so the hardware prefetcher cannot guess the next
+// one: ask for it while the current one is being read.
+inline void prefetch(const void* start, int64_t num_bytes) {
+  const char* bytes = static_cast<const char*>(start);
+  for (int64_t offset = 0; offset < num_bytes; offset += 64) __builtin_prefetch(bytes + offset);
+}
+
+template <typename scalar_t>
+inline void to_float(float* dst, const scalar_t* src, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
+}
+
+inline float dot(const float* a, const float* b, int64_t dim) {
+  float partial[kLanes] = {0.0f};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) partial[lane] += a[d + lane] * b[d + lane];
+  }
+  float sum = 0.0f;
+  for (; d < dim; ++d) sum += a[d] * b[d];
+  for (int64_t lane = 0; lane < kLanes; ++lane) sum += partial[lane];
+  return sum;
+}
+
+// Per-task scratch for `heads` KV heads: their G query rows each, accumulators, scores
+// (block_size per query row), running max and sum per query row, and one K/V row.
+struct Scratch {
+  std::vector<float> query, acc, scores, row, running_max, running_sum;
+  Scratch(int64_t rows, int64_t head_dim, int64_t block_size)
+      : query(rows * head_dim), acc(rows * head_dim), scores(rows * block_size),
+        row(head_dim), running_max(rows), running_sum(rows) {}
+};
+
+// The KV heads [head_begin, head_end) of one request and one block. Token rows are read
+// in address order (all heads of token t, then t + 1), so a block streams from memory.
+// kDim > 0 fixes head_dim at compile time (64 and 128 are instantiated): the inner loops
+// then unroll into whole vectors, about twice as fast as with a run-time trip count.
+template <typename scalar_t, int64_t kDim>
+inline void attend_block(
+    Scratch& s, const scalar_t* block, const Shape& shape, int64_t num_tokens,
+    int64_t head_begin, int64_t head_end) {
+  const int64_t dim = kDim > 0 ? kDim : shape.head_dim;
+  const int64_t group = shape.group, block_size = shape.block_size;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    for (int64_t h = head_begin; h < head_end; ++h) {
+      to_float(s.row.data(), block + t * shape.token_stride + h * dim, dim);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = (h - head_begin) * group + g;
+        s.scores[r * block_size + t] = dot(s.query.data() + r * dim, s.row.data(), dim);
+      }
+    }
+  }
+  for (int64_t r = 0; r < (head_end - head_begin) * group; ++r) {
+    float* score = s.scores.data() + r * block_size;
+    float new_max = s.running_max[r];
+    for (int64_t t = 0; t < num_tokens; ++t) new_max = std::max(new_max, score[t]);
+    float block_sum = 0.0f;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      score[t] = exp_nonpositive(score[t] - new_max);
+      block_sum += score[t];
+    }
+    const float correction = exp_nonpositive(s.running_max[r] - new_max);
+    s.running_sum[r] = s.running_sum[r] * correction + block_sum;
+    s.running_max[r] = new_max;
+    float* acc = s.acc.data() + r * dim;
+    for (int64_t d = 0; d < dim; ++d) acc[d] *= correction;
+  }
+  const scalar_t* values = block + shape.half_stride;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    for (int64_t h = head_begin; h < head_end; ++h) {
+      to_float(s.row.data(), values + t * shape.token_stride + h * dim, dim);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = (h - head_begin) * group + g;
+        const float weight = s.scores[r * block_size + t];
+        float* acc = s.acc.data() + r * dim;
+        for (int64_t d = 0; d < dim; ++d) acc[d] += weight * s.row[d];
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void decode_attention_kernel(
+    const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+    const at::Tensor& context_lens, at::Tensor& out, double scale) {
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), dim = q.size(2);
+  const int64_t num_kv_heads = kv_cache.size(3), max_blocks = block_tables.size(1);
+  const Shape shape{
+      dim, num_heads / num_kv_heads, kv_cache.size(2), kv_cache.stride(1), kv_cache.stride(2)};
+  // One task per request when there are enough requests to go round the threads, else
+  // one per (request, KV head) so a small batch still uses every thread.
+  const int64_t splits = num_seqs >= at::get_num_threads() ? 1 : num_kv_heads;
+  const int64_t heads_per_task = num_kv_heads / splits;
+
+  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+  const scalar_t* kv_ptr = kv_cache.data_ptr<scalar_t>();
+  const index_t* table_ptr = block_tables.data_ptr<index_t>();
+  const int64_t* len_ptr = context_lens.data_ptr<int64_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  const int64_t block_bytes = kv_cache.stride(0) * static_cast<int64_t>(sizeof(scalar_t));
+
+  at::parallel_for(0, num_seqs * splits, 1, [&](int64_t begin, int64_t end) {
+    Scratch s(heads_per_task * shape.group, dim, shape.block_size);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = task / splits;
+      const int64_t head_begin = (task % splits) * heads_per_task;
+      const int64_t head_end = head_begin + heads_per_task;
+      const int64_t rows = heads_per_task * shape.group;
+      const int64_t first_row = head_begin * shape.group;  // query head of scratch row 0
+      for (int64_t r = 0; r < rows; ++r) {
+        to_float(s.query.data() + r * dim, q_ptr + seq * q.stride(0) + (first_row + r) * q.stride(1), dim);
+        for (int64_t d = 0; d < dim; ++d) s.query[r * dim + d] *= scale;
+      }
+      std::fill(s.acc.begin(), s.acc.end(), 0.0f);
+      std::fill(s.running_max.begin(), s.running_max.end(), -87.0f);
+      std::fill(s.running_sum.begin(), s.running_sum.end(), 0.0f);
+      const int64_t context_len = len_ptr[seq];
+      const int64_t block_size = shape.block_size;
+      const int64_t num_blocks = std::min((context_len + block_size - 1) / block_size, max_blocks);
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const int64_t block = static_cast<int64_t>(table_ptr[seq * max_blocks + b]);
+        if (b + 1 < num_blocks) {
+          prefetch(kv_ptr + table_ptr[seq * max_blocks + b + 1] * kv_cache.stride(0), block_bytes);
+        }
+        const scalar_t* start = kv_ptr + block * kv_cache.stride(0);
+        const int64_t num_tokens = std::min(block_size, context_len - b * block_size);
+        if (dim == 64) {
+          attend_block<scalar_t, 64>(s, start, shape, num_tokens, head_begin, head_end);
+        } else if (dim == 128) {
+          attend_block<scalar_t, 128>(s, start, shape, num_tokens, head_begin, head_end);
+        } else {
+          attend_block<scalar_t, 0>(s, start, shape, num_tokens, head_begin, head_end);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* row = out_ptr + (seq * num_heads + first_row + r) * dim;
+        const float inverse = s.running_sum[r] > 0.0f ? 1.0f / s.running_sum[r] : 0.0f;
+        for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<scalar_t>(s.acc[r * dim + d] * inverse);
+      }
+    }
+  });
+}
+
+// q: [S, H, D]; kv_cache: [NB, 2, BS, KVH, D]; block_tables: [S, MB] int32 or int64;
+// context_lens: [S] int64 (tokens each request attends over, its new one included).
+// Returns [S, H, D] in q's dtype.
+at::Tensor decode_attention(
+    const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+    const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5, "q must be [S, H, D], kv_cache 5-D");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache dtypes differ");
+  TORCH_CHECK(q.stride(2) == 1 && kv_cache.stride(4) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(kv_cache.size(1) == 2 && kv_cache.size(4) == q.size(2), "kv_cache shape");
+  TORCH_CHECK(q.size(1) % kv_cache.size(3) == 0, "heads must be a multiple of KV heads");
+  TORCH_CHECK(block_tables.is_contiguous() && context_lens.is_contiguous(), "contiguous");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong, "context_lens must be int64");
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0));
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+        if (block_tables.scalar_type() == at::kInt) {
+          decode_attention_kernel<scalar_t, int32_t>(
+              q, kv_cache, block_tables, context_lens, out, scale);
+        } else {
+          TORCH_CHECK(block_tables.scalar_type() == at::kLong, "block_tables int32/int64");
+          decode_attention_kernel<scalar_t, int64_t>(
+              q, kv_cache, block_tables, context_lens, out, scale);
+        }
+      });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tandem, m) {
+  m.def(
+      "decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem, CPU, m) { m.impl("decode_attention", &decode_attention); }
