@@ -152,10 +152,11 @@ async def collect(deltas: AsyncGenerator[worker_pb2.TokenDelta, None]) -> Comple
     return completion
 
 
-def check_delta(delta: worker_pb2.TokenDelta) -> None:
-    """Raise GenerationError if the delta reports that the request failed."""
+def check_delta(delta: worker_pb2.TokenDelta) -> worker_pb2.TokenDelta:
+    """The delta; raises GenerationError if it reports that the request failed."""
     if delta.finish_reason == "error":
         raise GenerationError(delta.error or "the request failed on a worker (no detail given)")
+    return delta
 
 
 def _fit_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:

@@ -20,44 +20,41 @@ on the workers. A client's X-Request-Id comes back on the response, untouched; i
 is never used as the request's id inside tandem. router.http_guard holds the checks
 before the routes and the error handlers after them.
 
+    RequestGuard ─▶ HttpApp ─┬─ POST a completion route ─▶ CompletionRoutes
+                             └─ any other request ───────▶ FastAPI (the routes here)
+
+The completion routes carry nearly all the traffic, so they are served as a plain ASGI
+app (router.http_completions), without FastAPI's routing, middleware and responses.
 A client that goes away ends its requests on the workers: each request's delta
 generator is closed, and Router.generate sends Abort.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proto.tandem.internal.v1 import worker_pb2
 from router import __version__
 from router.core import Router
 from router.errors import InvalidRequestError, RouterError
-from router.frontend import (
-    Completion,
-    SamplingOptions,
-    check_delta,
-    check_model,
-    collect,
-    prompt_token_ids,
-)
+from router.frontend import check_model
+from router.http_completions import ENDPOINTS, CompletionRoutes
 from router.http_guard import RequestGuard, add_error_handlers
 from router.metrics import RouterMetrics
 from router.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    ResponseFormat,
     TokenizeRequest,
     error_body,
 )
-from router.sse import Deltas, EventStreamResponse, cancel_and_wait, events
-
-T = TypeVar("T")
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
@@ -70,59 +67,72 @@ def create_app(
     api_keys: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: RouterMetrics | None = None,
-) -> FastAPI:
+) -> ASGIApp:
     """The HTTP app over a started router (the caller starts and closes the router).
     With `api_keys`, every route but the health probes needs `Authorization: Bearer
     <key>`."""
-    app = FastAPI(title="tandem router", version=__version__)
-    app.state.router = router
-    app.state.metrics = router.metrics if metrics is None else metrics
-    app.include_router(routes)
-    add_error_handlers(app)
-    app.add_exception_handler(_ClientGone, _client_gone)
-    app.add_middleware(
-        RequestGuard,
+    metrics = router.metrics if metrics is None else metrics
+    completions = CompletionRoutes(router, metrics)
+    api = FastAPI(title="tandem router", version=__version__)
+    api.state.router = router
+    api.state.metrics = metrics
+    # Served by HttpApp before FastAPI; routed here too, for FastAPI's 405 to another
+    # method and its redirect of a trailing slash.
+    api.router.routes += [Route(path, completions, methods=["POST"]) for path in ENDPOINTS]
+    api.include_router(routes)
+    api.openapi = _openapi(api)  # type: ignore[method-assign]
+    add_error_handlers(api)
+    return RequestGuard(
+        HttpApp(completions, api),
         api_keys=frozenset(api_keys),
         max_body_bytes=max_body_bytes,
-        metrics=app.state.metrics,
+        metrics=metrics,
     )
-    return app
 
 
-@routes.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
-    router = _router(request)
-    check_model(router, body.model)
-    options = body.options()
-    prompts = [prompt_token_ids(router, p) for p in body.prompts()]
-    response = ResponseFormat.for_request(
-        "completion",
-        router.model_id,
-        router.new_request_id("cmpl"),
-        prompts,
-        body,
-        options.logprobs is not None,
-        _token_text(router),
-    )
-    return await _complete(request, body, options, prompts, response)
+class HttpApp:
+    """POST to a completion route goes straight to CompletionRoutes, the hot path;
+    every other request to FastAPI."""
+
+    def __init__(self, completions: CompletionRoutes, api: FastAPI) -> None:
+        self.completions = completions
+        self.api = api
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine: the app's own is returned, so that this is no frame on the
+        # stack that each token's wakeup of a streaming request passes through.
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ENDPOINTS:
+            return self.completions(scope, receive, send)
+        return self.api(scope, receive, send)
 
 
-@routes.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    router = _router(request)
-    check_model(router, body.model)
-    options = body.options()
-    prompt_ids = router.tokenizer.encode_chat([m.for_template() for m in body.messages])
-    response = ResponseFormat.for_request(
-        "chat",
-        router.model_id,
-        router.new_request_id("chatcmpl"),
-        [prompt_ids],
-        body,
-        options.logprobs is not None,
-        _token_text(router),
-    )
-    return await _complete(request, body, options, [prompt_ids], response)
+# The completion routes' signatures, for the OpenAPI schema; CompletionRoutes serves
+# them. (No docstrings: FastAPI would put them in the schema.)
+async def _completions(body: CompletionRequest) -> Response:
+    raise NotImplementedError
+
+
+async def _chat_completions(body: ChatCompletionRequest) -> Response:
+    raise NotImplementedError
+
+
+def _openapi(api: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's OpenAPI schema, with the completion routes in it."""
+    documented = [
+        APIRoute("/v1/completions", _completions, methods=["POST"], name="completions"),
+        APIRoute(
+            "/v1/chat/completions", _chat_completions, methods=["POST"], name="chat_completions"
+        ),
+    ]
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            api.openapi_schema = get_openapi(
+                title=api.title, version=api.version, routes=[*documented, *api.routes]
+            )
+        return api.openapi_schema
+
+    return openapi
 
 
 @routes.get("/v1/models")
@@ -196,88 +206,6 @@ async def status(request: Request, check_invariants: bool = False) -> dict[str, 
     return await _router(request).status(check_invariants)
 
 
-async def _complete(
-    request: Request,
-    body: CompletionRequest | ChatCompletionRequest,
-    options: SamplingOptions,
-    prompts: list[list[int]],
-    response: ResponseFormat,
-) -> Response:
-    """Starts every choice (prompt i's j-th sample is choice i * n + j) and answers with
-    the whole completion, or streams it."""
-    router = _router(request)
-    params = [
-        options.for_choice(j).to_params(len(prompt), router)
-        for prompt in prompts
-        for j in range(body.n)
-    ]
-    prompt_of = [prompt for prompt in prompts for _ in range(body.n)]
-    ids = [response.request_id] + [f"{response.request_id}-{c}" for c in range(1, len(params))]
-    choices = [router.generate(p, q, i) for p, q, i in zip(prompt_of, params, ids)]
-    if body.stream:
-        return await _stream(request, choices, response, body.include_usage)
-    completions = await _unless_disconnected(request, _collect_all(choices))
-    return JSONResponse(response.response(completions))
-
-
-async def _collect_all(choices: list[Deltas]) -> list[Completion]:
-    tasks = [asyncio.ensure_future(collect(c)) for c in choices]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:  # one failed, or the client left: stop the others
-        await cancel_and_wait(*tasks)
-
-
-async def _stream(
-    request: Request, choices: list[Deltas], response: ResponseFormat, include_usage: bool
-) -> Response:
-    """Waits for every choice's first delta, so that a request failing before it gets
-    a plain error response with its status code, then streams the rest."""
-    firsts: list[worker_pb2.TokenDelta] = []
-    try:
-        for deltas in choices:
-            first = await _unless_disconnected(request, anext(deltas))
-            check_delta(first)
-            firsts.append(first)
-    except BaseException:
-        await asyncio.gather(*(d.aclose() for d in choices), return_exceptions=True)
-        raise
-    return EventStreamResponse(events(choices, firsts, response, include_usage))
-
-
-def _token_text(router: Router) -> Callable[[int], str]:
-    tokenizer = router.tokenizer
-    return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-class _ClientGone(Exception):
-    pass
-
-
-async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """The awaitable's result; if the client disconnects first, it is cancelled and
-    _ClientGone raised."""
-    work = asyncio.ensure_future(awaitable)
-    watching = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await cancel_and_wait(work, watching)
-    if work.cancelled():
-        raise _ClientGone
-    return work.result()
-
-
-async def _disconnected(request: Request) -> None:
-    # The body has been read by now, so the next message is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def _router(request: Request) -> Router:
     router: Router = request.app.state.router
     return router
-
-
-async def _client_gone(request: Request, exc: Exception) -> Response:
-    return Response(status_code=499)  # nobody reads it; nginx's code for "client closed"

@@ -1,13 +1,15 @@
 """How the router's HTTP API turns a request away, as OpenAI-shaped errors.
 
-Before the routes, RequestGuard (ASGI middleware) checks every HTTP request:
+In front of every route, RequestGuard (an ASGI wrapper) checks each HTTP request:
 
     API key (401, unless the path is a health probe) ─▶ body size (413; a chunked
     body is read here, within the bound, and replayed) ─▶ the routes
 
 and echoes the client's X-Request-Id on whatever response comes back. After them,
-the exception handlers of add_error_handlers turn the router's errors into status
-codes (the table is in router.http's docstring). Each refusal is counted in the
+error_response turns the router's errors into status codes (the table is _ERRORS),
+and validation_error_response a body that does not validate into a 400: for FastAPI's
+routes through the exception handlers of add_error_handlers, and directly for the
+completion routes (router.http_completions). Each refusal is counted in the
 metrics' rejections, by reason; an "overloaded" one also counts as an SLO miss.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +26,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.errors import (
-    GenerationError,
     InvalidRequestError,
     ModelNotFoundError,
     NoInstanceError,
@@ -141,52 +143,51 @@ def add_error_handlers(app: FastAPI) -> None:
     """Answers the router's errors (and FastAPI's validation errors) with OpenAI-shaped
     error bodies and their status codes, counting the refusals."""
 
-    def handler(
-        status_code: int, type_: str, code: str | None = None, rejection: str | None = None
-    ) -> Any:
-        async def handle(request: Request, exc: Exception) -> Response:
-            param = exc.param if isinstance(exc, InvalidRequestError) else None
-            if rejection is not None:
-                _count_rejection(request, rejection)
-            return JSONResponse(error_body(str(exc), type_, param, code), status_code)
+    async def router_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RouterError)
+        return error_response(exc, request.app.state.metrics)
 
-        return handle
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return validation_error_response(exc.errors(), request.app.state.metrics)
 
-    async def overloaded(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, OverloadedError)
-        _count_rejection(request, "overloaded", slo_class="default")
-        body = error_body(str(exc), "rate_limit_error", code="overloaded")
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(RouterError, router_error)
+
+
+def error_response(exc: RouterError, metrics: RouterMetrics | None) -> Response:
+    """The OpenAI-shaped answer to one of the router's errors; a refusal is counted."""
+    status_code, type_, code, rejection = next(
+        _ERRORS[t] for t in type(exc).__mro__ if t in _ERRORS
+    )
+    if rejection is not None and metrics is not None:
+        # An "overloaded" refusal is the server's doing: also an SLO miss.
+        metrics.rejected(rejection, "default" if rejection == "overloaded" else None)
+    param = exc.param if isinstance(exc, InvalidRequestError) else None
+    headers = None
+    if isinstance(exc, OverloadedError):
         headers = {"Retry-After": str(math.ceil(exc.retry_after_s))}
-        return JSONResponse(body, 429, headers=headers)
-
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(
-        InvalidRequestError, handler(400, "invalid_request_error", None, "invalid_request")
-    )
-    app.add_exception_handler(
-        ModelNotFoundError,
-        handler(404, "invalid_request_error", "model_not_found", "invalid_request"),
-    )
-    app.add_exception_handler(OverloadedError, overloaded)
-    app.add_exception_handler(NotReadyError, handler(503, "server_error", "not_ready", "not_ready"))
-    app.add_exception_handler(
-        NoInstanceError, handler(503, "server_error", "no_instance", "no_instance")
-    )
-    app.add_exception_handler(GenerationError, handler(500, "server_error"))
-    app.add_exception_handler(RouterError, handler(500, "server_error"))
+    return JSONResponse(error_body(str(exc), type_, param, code), status_code, headers=headers)
 
 
-def _count_rejection(request: Request, reason: str, slo_class: str | None = None) -> None:
-    """Counts a refusal; with slo_class (the server's doing), also an SLO miss."""
-    metrics: RouterMetrics | None = request.app.state.metrics
+def validation_error_response(
+    errors: Sequence[Mapping[str, Any]], metrics: RouterMetrics | None
+) -> Response:
+    """400 for a body that does not validate, naming the first error's field."""
     if metrics is not None:
-        metrics.rejected(reason, slo_class)
-
-
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    _count_rejection(request, "invalid_request")
-    error = exc.errors()[0]
+        metrics.rejected("invalid_request")
+    error = errors[0]
     param = ".".join(str(p) for p in error["loc"] if p != "body") or None
     message = f"{param}: {error['msg']}" if param else str(error["msg"])
     return JSONResponse(error_body(message, "invalid_request_error", param), 400)
+
+
+# type -> (status code, error type, error code, rejection reason counted in the metrics)
+_ERRORS: dict[type[RouterError], tuple[int, str, str | None, str | None]] = {
+    InvalidRequestError: (400, "invalid_request_error", None, "invalid_request"),
+    ModelNotFoundError: (404, "invalid_request_error", "model_not_found", "invalid_request"),
+    OverloadedError: (429, "rate_limit_error", "overloaded", "overloaded"),
+    NotReadyError: (503, "server_error", "not_ready", "not_ready"),
+    NoInstanceError: (503, "server_error", "no_instance", "no_instance"),
+    RouterError: (500, "server_error", None, None),  # GenerationError among them
+}

@@ -16,6 +16,7 @@ the subscriber is registered: that is how the router knows the stream is open.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,11 +38,12 @@ class Instance:
     stub: worker_pb2_grpc.WorkerStub
     stream_open: asyncio.Event = field(default_factory=asyncio.Event)
 
-    @property
+    # Read for every candidate of every request's route: made once (info never changes).
+    @functools.cached_property
     def instance_id(self) -> str:
         return self.info.instance_id or self.address
 
-    @property
+    @functools.cached_property
     def role(self) -> Role:
         return Role(self.info.role)
 

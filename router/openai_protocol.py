@@ -10,11 +10,13 @@ sampled `n` times: choice `i * n + j` is prompt i's j-th sample, as in OpenAI's 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from proto.tandem.internal.v1 import worker_pb2
@@ -247,6 +249,30 @@ class ResponseFormat:
                 choice.update(prompt_token_ids=list(self.prompt_token_ids[index // self.n]))
             choice.update(token_ids=list(delta.token_ids))
         return {**self._header(stream=True), "choices": [choice]}
+
+    def chunk_json(self, index: int, delta: worker_pb2.TokenDelta, first: bool) -> bytes:
+        """chunk() as JSON. Without logprobs or token ids (the common case) it is written
+        from bytes made once per request, not through a dict: every token passes here."""
+        if self.logprobs or self.return_token_ids:
+            return orjson.dumps(self.chunk(index, delta, first))
+        finish_reason = orjson.dumps(delta.finish_reason) if delta.finish_reason else b"null"
+        if self.kind == "chat":
+            if first:
+                content = b'{"role":"assistant","content":%s}' % orjson.dumps(delta.text)
+            elif delta.text:
+                content = b'{"content":%s}' % orjson.dumps(delta.text)
+            else:
+                content = b"{}"
+            choice = b'"finish_reason":%s,"delta":%s,"logprobs":null' % (finish_reason, content)
+        else:
+            text = orjson.dumps(delta.text)
+            choice = b'"finish_reason":%s,"text":%s,"logprobs":null' % (finish_reason, text)
+        return b"%s%d,%s}]}" % (self._chunk_prefix, index, choice)
+
+    @functools.cached_property
+    def _chunk_prefix(self) -> bytes:
+        """A chunk's JSON up to its choice's index: '{"id": ..., "choices":[{"index":'."""
+        return orjson.dumps(self._header(stream=True))[:-1] + b',"choices":[{"index":'
 
     def usage_chunk(self, num_completion_tokens: int, num_cached_tokens: int) -> dict[str, Any]:
         return {

@@ -18,13 +18,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from router.config import RouterConfig
 from router.core import Router
@@ -51,6 +52,8 @@ async def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Serve until cancelled. `ready_event` is set once both APIs take requests."""
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off Unix
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _log_tasks)
     async with Router(worker_addresses, policy, config) as router:
         grpc_server = await start_grpc_server(
             router, host, grpc_port, api_keys=api_keys, tls=grpc_tls
@@ -66,12 +69,13 @@ async def serve(
 
 
 async def _serve_http(
-    app: FastAPI, host: str, port: int, ready_event: asyncio.Event | None
+    app: ASGIApp, host: str, port: int, ready_event: asyncio.Event | None
 ) -> None:
     config = uvicorn.Config(
         app,
         http="httptools",  # uvicorn's C parser; its h11 default is pure Python
         log_level="warning",
+        access_log=False,  # below warning anyway, but uvicorn would still make each call
         lifespan="off",
         timeout_graceful_shutdown=GRACE_S,
     )
@@ -89,6 +93,14 @@ async def _serve_http(
         finally:
             server.should_exit = True
             await serving
+
+
+def _log_tasks() -> None:
+    """kill -USR2: where every asyncio task of the router is waiting, into the log."""
+    for task in asyncio.all_tasks():
+        stack = task.get_stack()
+        frames = [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in stack]
+        logger.warning("task %s waits in %s", task.get_name(), " <- ".join(frames) or task)
 
 
 class _HttpServer(uvicorn.Server):

@@ -11,12 +11,13 @@ so the stream holds each delta until every position before it has been released:
     push(delta) ──▶ pending (heap by index) ──▶ ready, in order ──▶ get()
 
 The stream closes after it releases a finished delta, or at once on fail(); after
-that, pushes are dropped.
+that, pushes are dropped. It has one reader: get() is not for concurrent callers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 
 from proto.tandem.internal.v1 import worker_pb2
@@ -28,7 +29,10 @@ class RequestStream:
         self._next_index = 0  # the first output position not yet released
         self._pending: list[tuple[int, int, worker_pb2.TokenDelta]] = []  # (index, seq, delta)
         self._num_pushed = 0
-        self._ready: asyncio.Queue[worker_pb2.TokenDelta] = asyncio.Queue()
+        # Released deltas, and the future get() waits on while there are none. (Lighter
+        # than an asyncio.Queue: every token passes here.)
+        self._ready: collections.deque[worker_pb2.TokenDelta] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._finished_by_worker = False
 
@@ -43,6 +47,9 @@ class RequestStream:
 
     def push(self, delta: worker_pb2.TokenDelta) -> None:
         if self._closed:
+            return
+        if delta.index == self._next_index and not self._pending:
+            self._release(delta)  # the common case: in order, nothing held back
             return
         self._num_pushed += 1
         heapq.heappush(self._pending, (delta.index, self._num_pushed, delta))
@@ -66,11 +73,17 @@ class RequestStream:
             finish_reason=finish_reason,
             error=error,
         )
-        self._ready.put_nowait(last)
+        self._put_ready(last)
         self._close()
 
     async def get(self) -> worker_pb2.TokenDelta:
-        return await self._ready.get()
+        while not self._ready:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._ready.popleft()
 
     def check_invariants(self) -> None:
         assert all(index >= self._next_index for index, _, _ in self._pending), self._pending
@@ -87,11 +100,19 @@ class RequestStream:
             heapq.heappop(self._pending)
             if index < self._next_index:
                 continue  # repeats positions already released: a duplicate
-            self._next_index += len(delta.token_ids)
-            self._ready.put_nowait(delta)
-            if delta.finished:
-                self._finished_by_worker = True
-                self._close()
+            self._release(delta)
+
+    def _release(self, delta: worker_pb2.TokenDelta) -> None:
+        self._next_index += len(delta.token_ids)
+        self._put_ready(delta)
+        if delta.finished:
+            self._finished_by_worker = True
+            self._close()
+
+    def _put_ready(self, delta: worker_pb2.TokenDelta) -> None:
+        self._ready.append(delta)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def _close(self) -> None:
         self._closed = True

@@ -240,3 +240,16 @@ async def test_models_health_and_status() -> None:
         assert workers[0].invariants_checked == 0
         await client.get("/status", params={"check_invariants": "true"})
         assert workers[0].invariants_checked == workers[1].invariants_checked == 1
+
+
+async def test_the_completion_routes_are_documented_and_take_only_post() -> None:
+    async with serving("colocated") as (client, _):
+        schema = (await client.get("/openapi.json")).json()
+        for path, body in [
+            ("/v1/completions", "CompletionRequest"),
+            ("/v1/chat/completions", "ChatCompletionRequest"),
+        ]:
+            request_body = schema["paths"][path]["post"]["requestBody"]
+            assert request_body["content"]["application/json"]["schema"]["$ref"].endswith(body)
+            r = await client.get(path)
+            assert r.status_code == 405 and r.headers["allow"] == "POST"
