@@ -124,12 +124,12 @@ def save_point(out: Path, name: str, point: Point) -> None:
 async def _run(args: argparse.Namespace, custom: dict[str, SloSet]) -> None:
     settings = settings_for(args.workload, custom)
     rates = args.rates or DEFAULT_RATES[args.workload]
-    requests = workloads.build(
-        args.workload, tokenizer_for(args.tokenizer), args.num_prompts, args.seed
-    )
+    tokenizer = tokenizer_for(args.tokenizer)
     base_url = args.url.rstrip("/")
     points = []
     for rate in rates:
+        seed = workloads.point_seed(args.seed, rate)  # a fresh list: no prefix-cache replay
+        requests = workloads.build(args.workload, tokenizer, args.num_prompts, seed)
         point = await run_point(
             base_url, requests, rate, settings, seed=args.seed, burstiness=args.burstiness,
             ignore_eos=not args.no_ignore_eos, max_request_s=args.max_request_s,

@@ -70,10 +70,14 @@ def compare(args: argparse.Namespace, custom: dict[str, SloSet]) -> None:
             )
         for workload in args.workloads:
             settings = settings_for(workload, custom)
-            requests = workloads.build(
-                workload, tokenizer, args.num_prompts, args.seed, conversations
-            )
-            points = _sweep(servers, requests, rates[workload], settings, args, workload)
+            lists = {
+                rate: workloads.build(
+                    workload, tokenizer, args.num_prompts,
+                    workloads.point_seed(args.seed, rate), conversations,
+                )
+                for rate in rates[workload]
+            }  # fmt: skip
+            points = _sweep(servers, lists, settings, args, workload)
             report["workloads"][workload] = _workload_report(points, settings, rates[workload])
             _plot(args.out, workload, points, settings)
             _write(args.out, report)
@@ -97,14 +101,14 @@ def compare(args: argparse.Namespace, custom: dict[str, SloSet]) -> None:
 
 def _sweep(
     servers: list[Server],
-    requests: list[workloads.BenchRequest],
-    rates: list[float],
+    lists: dict[float, list[workloads.BenchRequest]],
     settings: dict[str, SloSet],
     args: argparse.Namespace,
     workload: str,
 ) -> dict[str, list[Point]]:
+    """Each rate's own request list, on every system in turn (the order rotates)."""
     points: dict[str, list[Point]] = {s.name: [] for s in servers}
-    for turn, rate in enumerate(rates):
+    for turn, (rate, requests) in enumerate(lists.items()):
         for s in servers[turn % len(servers) :] + servers[: turn % len(servers)]:
             point = _measure(s, requests, rate, settings, args.seed, args, workload)
             points[s.name].append(point)
@@ -152,7 +156,9 @@ def _headline(
     for seed in args.seeds:
         if seed == args.seed and rate in swept:
             continue  # the sweep ran this one
-        requests = workloads.build(workload, tokenizer, args.num_prompts, seed, conversations)
+        requests = workloads.build(
+            workload, tokenizer, args.num_prompts, workloads.point_seed(seed, rate), conversations
+        )
         for s in servers:
             summary = _measure(s, requests, rate, settings, seed, args, workload).summary
             keys = ("slo_attainment", "median_ttft_ms", "median_tpot_ms", "load_average_before")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -27,12 +28,7 @@ def attainment_plot(
     axes.set_xlabel("request rate (req/s)")
     axes.set_ylabel("requests meeting TTFT and TPOT SLOs (%)")
     axes.set_ylim(0, 102)
-    axes.set_title(title, fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish(figure, axes, title, path)
 
 
 def cdf_plot(
@@ -50,6 +46,11 @@ def cdf_plot(
     axes.set_xscale("log")
     axes.set_xlabel(xlabel)
     axes.set_ylabel("requests (%)")
+    _finish(figure, axes, title, path)
+
+
+def _finish(figure: Any, axes: Any, title: str, path: Path) -> None:
+    """The title, grid and legend every plot here has; then write the PNG."""
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

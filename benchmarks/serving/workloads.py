@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -153,3 +154,9 @@ def build(
     )
     random.Random(seed).shuffle(requests)
     return requests
+
+
+def point_seed(seed: int, rate: float) -> int:
+    """The request-list seed of one measured point: its own list per (seed, rate), so no
+    point replays prompts an earlier point left in a server's prefix cache."""
+    return zlib.crc32(f"{seed}:{rate:g}".encode())

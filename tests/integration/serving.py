@@ -75,8 +75,13 @@ def tandem_serve(
         try:
             process.wait(60)
         except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGUSR2)  # its asyncio tasks' stacks, into the log
+            time.sleep(1)
+            process.send_signal(signal.SIGUSR1)  # its threads' stacks
+            time.sleep(2)
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, "".join(log[-40:])
+            process.wait()
+    assert process.returncode == 0, "".join(log[-300:])
 
 
 class RouterThread:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from benchmarks.serving.cli import tokenizer_for
-from benchmarks.serving.workloads import build
+from benchmarks.serving.workloads import build, point_seed
 from proto.tandem.v1 import tandem_pb2, tandem_pb2_grpc
 from tests.integration.serving import complete, greedy_token_ids, tandem_serve
 
@@ -147,7 +147,7 @@ def test_tandem_bench_run_measures_every_requested_token(server, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "goodput (strict" in done.stdout
     point = json.loads((tmp_path / "it-sharegpt-20.json").read_text())
-    asked = [r.output_len for r in build("sharegpt", tokenizer_for(), 4, 5)]
+    asked = [r.output_len for r in build("sharegpt", tokenizer_for(), 4, point_seed(5, 20))]
     assert point["completed"] == 4 and point["failed"] == 0
     assert point["output_lens"] == asked
     assert point["total_output_tokens"] == sum(asked)
