@@ -8,7 +8,9 @@
 
 Any failure frees the reservation: a checksum or shape mismatch, a broken link, an
 explicit Abort from the sender, or the lease running out because the sender went
-silent (it died, or lost the link). In colocated mode the same instance also
+silent (it died, or lost the link). The router then gets the request's last delta as
+an error that says why, never as a plain "abort" it might pass on as a finished
+completion. In colocated mode the same instance also
 takes prompts (Generate) and runs both phases with the same engine.
 """
 
@@ -60,6 +62,7 @@ class DecodeService(WorkerServicer):
         self._routes: dict[str, str] = {}  # request id -> router id
         self._subscribers: dict[str, queue.Queue[pb.StepBatch | None]] = {}
         self._leases: dict[str, float] = {}  # reserved request id -> monotonic deadline
+        self._failed: dict[str, str] = {}  # reserved request id -> why its handoff failed
         self.kv_bytes_received = 0
         self.handoffs_completed = 0
         self.handoffs_failed = 0
@@ -105,7 +108,7 @@ class DecodeService(WorkerServicer):
                 else:
                     orphans = []
             for request_id in orphans:  # nobody is left to read their tokens
-                self.loop.submit(self.engine.abort_request, request_id)
+                self.loop.submit(self._abort, request_id, "its router went away")
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
         if self.role != "colocated":
@@ -126,13 +129,15 @@ class DecodeService(WorkerServicer):
         return pb.GenerateReply()
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
-        found = self.loop.call(self._abort, request.request_id)
+        reason = request.reason or "the sender aborted it"
+        found = self.loop.call(self._abort, request.request_id, reason)
         return pb.AbortReply(found=found)
 
-    def _abort(self, request_id: str) -> bool:
-        with self._lock:
-            self._leases.pop(request_id, None)
+    def _abort(self, request_id: str, reason: str) -> bool:
         found = request_id in self.engine.requests
+        with self._lock:
+            if self._leases.pop(request_id, None) is not None and found:  # not committed
+                self._failed[request_id] = reason
         self.engine.abort_request(request_id)
         return found
 
@@ -229,7 +234,7 @@ class DecodeService(WorkerServicer):
         logger.warning("handoff of %s failed: %s", request_id, reason)
         with self._lock:
             self.handoffs_failed += 1
-        self.loop.submit(self._abort, request_id)
+        self.loop.submit(self._abort, request_id, reason)
 
     def _reap_leases(self) -> None:
         while not self._stopping.wait(0.5):
@@ -246,11 +251,21 @@ class DecodeService(WorkerServicer):
         with self._lock:
             for output in outputs:
                 router_id = self._routes.get(output.request_id)
+                failure = None
                 if output.finished:
                     self._routes.pop(output.request_id, None)
                     self._leases.pop(output.request_id, None)
-                if router_id is not None:
-                    batches.setdefault(router_id, []).append(delta_message(output))
+                    failure = self._failed.pop(output.request_id, None)
+                if router_id is None:
+                    continue
+                delta = delta_message(output)
+                if failure is not None:
+                    delta.finish_reason = "error"
+                    delta.error = (
+                        f"the KV handoff to decode instance {self.instance_id!r} failed "
+                        f"({failure}); retry the request"
+                    )
+                batches.setdefault(router_id, []).append(delta)
             for router_id, deltas in batches.items():
                 subscriber = self._subscribers.get(router_id)
                 if subscriber is not None:
@@ -260,6 +275,7 @@ class DecodeService(WorkerServicer):
         with self._lock:
             self._routes.pop(request_id, None)
             self._leases.pop(request_id, None)
+            self._failed.pop(request_id, None)
 
     # ---- Info and Status ---------------------------------------------------------------------
 
