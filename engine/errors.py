@@ -30,3 +30,7 @@ class InvalidSamplingParamsError(InvalidRequestError):
 
 class KVImportError(TandemError):
     """Imported KV blocks do not match this engine or failed their checksum."""
+
+
+class MigrationError(TandemError):
+    """A request cannot be migrated now (it is not decoding here, or it changed)."""

@@ -6,6 +6,13 @@ by range with `read_kv` as chunks finish) and, once the receiver has the request
 checksum checked first), then `commit`s the request into its running batch;
 `import_request` does the three at once. Blocks go out as plain tensors with a
 KVBlockMeta or a per-range CRC-32, never pickled.
+
+A migration moves a decoding request the same way while it keeps running: the
+sender copies its full blocks (`full_blocks`, `read_blocks`, from any thread: a
+full block of a running request is never written again), `pause`s it (RUNNING to
+HELD) for the last blocks and its tokens, then `release`s it once the receiver
+has committed, or `resume`s it if the migration failed. The receiver may
+`grow_reservation` when the request outgrew what it first reserved.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import KVImportError
+from engine.errors import KVImportError, MigrationError
 from engine.kv.cache_manager import KVCacheManager
 from engine.kv.kv_cache import KVBlockMeta, PagedKVCache, check_import, check_layout, kv_checksum
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
+from engine.scheduler import is_decoding
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig, ModelConfig
@@ -105,6 +113,71 @@ class KVTransferMixin:
             return
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         del self._detokenizers[request_id]
+
+    # -- migration, sending side --------------------------------------------------------
+
+    def full_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """A decoding request's full, computed blocks, and its preemption count (which
+        changes if the blocks are freed and the request recomputed elsewhere in the pool).
+        Call on the engine's thread; MigrationError if the request is not decoding here."""
+        request = self._decoding(request_id)
+        num_full = request.num_computed_tokens // self.config.block_size
+        return request.block_ids[:num_full], request.num_preemptions
+
+    def read_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, int]:
+        """The KV of these blocks (all layers) and its CRC-32. Safe off the engine's
+        thread for blocks that are not written meanwhile (see `full_blocks`)."""
+        data = self.kv_cache.read_blocks(block_ids)
+        return data, kv_checksum(data)
+
+    def still_decoding(self, request_id: str, num_preemptions: int) -> bool:
+        """True if the request runs on the blocks `full_blocks` returned."""
+        request = self.requests.get(request_id)
+        return (
+            request is not None
+            and request.status == RequestStatus.RUNNING
+            and request.num_preemptions == num_preemptions
+        )
+
+    def pause(self, request_id: str) -> tuple[list[int], list[int], int]:
+        """Takes a decoding request out of the batch, keeping its blocks: its block ids,
+        its output tokens so far, and how many tokens its KV holds."""
+        request = self._decoding(request_id)
+        self.scheduler.hold(request)
+        return list(request.block_ids), request.output_token_ids, request.num_computed_tokens
+
+    def resume(self, request_id: str) -> bool:
+        """A paused request rejoins the batch; False if it ended meanwhile (aborted)."""
+        request = self.requests.get(request_id)
+        if request is None or request.status != RequestStatus.HELD:
+            return False
+        self.scheduler.resume(request)
+        return True
+
+    def _decoding(self, request_id: str) -> Request:
+        request = self.requests.get(request_id)
+        if request is None:
+            raise MigrationError(f"request {request_id!r} is not on this instance")
+        if request.status != RequestStatus.RUNNING or not is_decoding(request):
+            raise MigrationError(
+                f"request {request_id!r} is {request.status.name.lower()} and not decoding: "
+                "only a request that has its first token and is in the running batch moves"
+            )
+        return request
+
+    # -- receiving side ------------------------------------------------------------------
+
+    def grow_reservation(self, request_id: str, num_kv_tokens: int) -> int:
+        """Room for `num_kv_tokens` in a reserved request; returns its block count."""
+        request = self._reserved(request_id)
+        if not 0 < num_kv_tokens < self.max_model_len:
+            raise KVImportError(f"cannot reserve KV for {num_kv_tokens} tokens")
+        if not self.scheduler.grow(request, num_kv_tokens):
+            raise KVImportError(
+                f"no room: {self.kv.blocks_for(num_kv_tokens) - len(request.block_ids)} more "
+                f"blocks asked, {self.kv.pool.num_free_blocks} free"
+            )
+        return len(request.block_ids)
 
     def layout(self) -> KVBlockMeta:
         """This engine's KV layout (the token and block fields empty)."""

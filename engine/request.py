@@ -24,8 +24,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.sampling_params import SamplingParams
 
 
@@ -80,15 +78,12 @@ class Request:
     num_hashed_blocks: int = 0  # leading blocks registered in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     num_preemptions: int = 0
-    generator: torch.Generator | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_token_time: float | None = None
     hold_after_prefill: bool = False  # a prefill instance's request: HELD after its first token
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,8 +4,12 @@ Order of operations for each row (OpenAI's semantics):
   1. logprobs, if asked, from the raw distribution;
   2. logit_bias, then presence/frequency penalties over the generated tokens;
   3. greedy rows take the argmax; the others divide by temperature, keep the
-     top_k, keep the top_p nucleus and draw. A seeded request draws from its own
-     generator, so its samples do not depend on the rest of the batch.
+     top_k, keep the top_p nucleus and draw.
+
+A seeded request's draw for output position i depends on (seed, i) alone: not on
+the rest of the batch, and not on which engine drew positions 0..i-1. So a request
+handed from prefill to decode, migrated between decode instances, or preempted and
+recomputed samples what one engine running it start to finish would.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from engine.request import Request, TokenLogprobs
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._generator = torch.Generator().manual_seed(seed)  # for unseeded requests
+        self._seeded = torch.Generator()  # re-seeded for each seeded draw
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits: [N, V] float32, row i for requests[i]. Appends logprobs to the requests."""
@@ -59,8 +64,24 @@ class Sampler:
         # Exponential race: argmax(p / q) with q ~ Exp(1) draws from p.
         noise = torch.empty_like(probs)
         for i, request in enumerate(requests):
-            noise[i].exponential_(generator=request.generator or self._generator)
+            generator = self._generator
+            if request.params.seed is not None:
+                generator = self._seeded
+                generator.manual_seed(draw_seed(request.params.seed, request.num_output_tokens))
+            noise[i].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The generator seed of a seeded request's draw for output position `position`:
+    a splitmix64 mix, so that neighbouring seeds and positions give unrelated draws."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+_MASK64 = (1 << 64) - 1
 
 
 def _raw_logprobs(logits: torch.Tensor, requests: list[Request]) -> dict[int, torch.Tensor]:

@@ -90,6 +90,16 @@ class Scheduler:
         request.status = RequestStatus.HELD
         self.held[request.request_id] = request
 
+    def resume(self, request: Request) -> None:
+        """A held request goes back into the running batch (a migration rolled back)."""
+        del self.held[request.request_id]
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def grow(self, request: Request, num_kv_tokens: int) -> bool:
+        """A reserved request gets room for `num_kv_tokens` in all; False if none is free."""
+        return self.kv.allocate(request, num_kv_tokens)
+
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Ends a request in any state and frees its blocks."""
         if request.status == RequestStatus.RUNNING:
@@ -116,7 +126,7 @@ class Scheduler:
     def _schedule_decodes(
         self, budget: list[int], scheduled: list[ScheduledRequest], preempted: list[Request]
     ) -> None:
-        for request in [r for r in self.running if _is_decoding(r)]:
+        for request in [r for r in self.running if is_decoding(r)]:
             if budget[0] == 0 or request.status != RequestStatus.RUNNING:
                 continue  # out of budget, or preempted below to make room for a higher one
             while not self.kv.allocate(request, 1):
@@ -130,7 +140,7 @@ class Scheduler:
                 budget[0] -= 1
 
     def _schedule_chunks(self, budget: list[int], scheduled: list[ScheduledRequest]) -> None:
-        for request in [r for r in self.running if not _is_decoding(r)]:
+        for request in [r for r in self.running if not is_decoding(r)]:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget[0])
             if num_new > 0 and self.kv.allocate(request, num_new):
                 scheduled.append(self._chunk(request, num_new))
@@ -199,5 +209,5 @@ class Scheduler:
                     raise InvariantError(f"{r.request_id} is {r.status.name}, not {status.name}")
 
 
-def _is_decoding(request: Request) -> bool:
+def is_decoding(request: Request) -> bool:
     return request.num_computed_tokens == request.num_tokens - 1 and request.num_computed_tokens > 0
