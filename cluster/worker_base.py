@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any, TypeVar
@@ -48,6 +49,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, instance_id: str, address: str = "") -> None:
         self.instance_id = instance_id
         self.address = address
+        self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
+        self._stubs_lock = threading.Lock()
+
+    def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        """A stub for the peer worker at `address`, one channel per peer."""
+        with self._stubs_lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                stub = self._stubs[address] = worker_pb2_grpc.WorkerStub(channel(address))
+            return stub
+
+    def connect_link(self, peer: pb.Peer) -> Any:
+        """The KV link to `peer` (a KVLink), made first if need be: LinkError if not."""
+        stub = self.stub(peer.address)
+
+        def open_remote(link_id: str, timeout: float) -> None:
+            request = pb.OpenLinkRequest(
+                link_id=link_id, initiator=self.peer, timeout_seconds=timeout
+            )
+            stub.OpenLink(request, timeout=timeout + 5)
+
+        return self.links.connect(peer.instance_id, open_remote)
 
     def counters(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -97,6 +120,43 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             step_samples=samples,
             **stats,
         )
+
+
+def send_blocks(
+    stub: worker_pb2_grpc.WorkerStub,
+    link: Any,
+    request_id: str,
+    start: int,
+    data: Any,
+    crc: int,
+    num_tokens: int,
+    first_layer: int,
+    timeout: float,
+) -> int:
+    """Blocks [start, start + data.shape[1]) of a request's KV to the receiver: the header
+    by ReceiveBlocks, the bytes over the KV link. Returns the bytes sent once the receiver
+    has written them; LinkError or grpc.RpcError if not."""
+    tag = link.next_tag()
+    header = pb.BlocksHeader(
+        request_id=request_id,
+        link_id=link.link_id,
+        tag=tag,
+        start_block=start,
+        num_blocks=data.shape[1],
+        num_tokens=num_tokens,
+        checksum=crc,
+        shape=list(data.shape),
+        dtype=str(data.dtype).removeprefix("torch."),
+        layer_start=first_layer,
+    )
+    ack = stub.ReceiveBlocks.future(header, timeout=timeout)
+    try:
+        link.send(data, tag, timeout)
+    except Exception:
+        ack.cancel()
+        raise
+    ack.result()
+    return int(data.numel() * data.element_size())
 
 
 def start_server(servicer: WorkerServicer, host: str, port: int, max_workers: int = 64) -> int:

@@ -5,6 +5,10 @@
     Commit(first tokens, KV count)   the request joins the running batch
     Subscribe(router)                every step, one StepBatch per router with the new
                                      tokens of all its requests
+    Migrate(request, destination)    moves a running request to another decode
+                                     instance while it runs (decode_worker/migration.py);
+                                     the destination takes it by Reserve, ReceiveBlocks
+                                     and Commit like a handoff from a prefill instance
 
 Any failure frees the reservation: a checksum or shape mismatch, a broken link, an
 explicit Abort from the sender, or the lease running out because the sender went
@@ -26,6 +30,7 @@ import grpc
 import torch
 
 from cluster.worker_base import WorkerServicer, delta_message, sampling_params
+from decode_worker.migration import Migration, MigrationLimits
 from engine.engine import LLMEngine
 from engine.errors import InvalidRequestError, KVImportError
 from engine.kv.kv_cache import KVBlockMeta
@@ -66,6 +71,9 @@ class DecodeService(WorkerServicer):
         self.kv_bytes_received = 0
         self.handoffs_completed = 0
         self.handoffs_failed = 0
+        self.migration_limits = MigrationLimits()
+        self.migrations: dict[str, int] = {}  # outcome ("committed" or why not) -> count
+        self._migrating: set[str] = set()
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_leases, name="leases", daemon=True)
 
@@ -141,6 +149,49 @@ class DecodeService(WorkerServicer):
         self.engine.abort_request(request_id)
         return found
 
+    # ---- live migration, sending side ----------------------------------------------------------
+
+    def Migrate(self, request: pb.MigrateRequest, context: grpc.ServicerContext) -> Any:
+        request_id = request.request_id
+        if request.destination.instance_id == self.instance_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a request cannot migrate to itself")
+        with self._lock:
+            router_id = self._routes.get(request_id, "")
+            busy = request_id in self._migrating
+            if router_id and not busy:
+                self._migrating.add(request_id)
+        if not router_id:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is not here")
+        if busy:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request_id!r} is moving already")
+        limits = self.migration_limits
+        if request.stage_deadline_seconds > 0 or request.max_stages > 0:
+            limits = MigrationLimits(
+                stage_deadline=request.stage_deadline_seconds or limits.stage_deadline,
+                max_stages=request.max_stages or limits.max_stages,
+                final_blocks=limits.final_blocks,
+                headroom_tokens=limits.headroom_tokens,
+                lease=limits.lease,
+            )
+        try:
+            reply = Migration(request_id, router_id, request.destination, self, limits).run()
+        finally:
+            with self._lock:
+                self._migrating.discard(request_id)
+        outcome = "committed" if reply.committed else reply.abort_reason
+        with self._lock:
+            self.migrations[outcome] = self.migrations.get(outcome, 0) + 1
+        return reply
+
+    def moved_away(self, request_id: str) -> bool:
+        """On the engine's thread, once the destination has committed: frees the source's
+        copy. False if the request ended here meanwhile (its client aborted)."""
+        request = self.engine.requests.get(request_id)
+        held = request is not None and request.status.name == "HELD"
+        self.engine.release(request_id)
+        self._forget(request_id)
+        return held
+
     # ---- the KV handoff, receiving side --------------------------------------------------
 
     def OpenLink(self, request: pb.OpenLinkRequest, context: grpc.ServicerContext) -> Any:
@@ -161,18 +212,26 @@ class DecodeService(WorkerServicer):
             checksum=0,
         )
         with self._lock:
+            again = request.request_id in self._leases  # a sender asking for more room
             self._routes[request.request_id] = request.router_id
             self._leases[request.request_id] = time.monotonic() + request.deadline_seconds
         try:
-            num_blocks = self.loop.call(
-                self.engine.reserve,
-                request.request_id,
-                list(request.prompt_token_ids),
-                params,
-                request.num_kv_tokens,
-                layout,
-            )
+            if again:
+                num_blocks = self.loop.call(
+                    self.engine.grow_reservation, request.request_id, request.num_kv_tokens
+                )
+            else:
+                num_blocks = self.loop.call(
+                    self.engine.reserve,
+                    request.request_id,
+                    list(request.prompt_token_ids),
+                    params,
+                    request.num_kv_tokens,
+                    layout,
+                )
         except (KVImportError, InvalidRequestError) as exc:
+            if again:  # the first reservation stands until the sender aborts it
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             self._forget(request.request_id)
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
             if isinstance(exc, InvalidRequestError) or "no room" not in str(exc):
@@ -285,4 +344,5 @@ class DecodeService(WorkerServicer):
                 "handoffs_completed": self.handoffs_completed,
                 "handoffs_failed": self.handoffs_failed,
                 "kv_bytes_received": self.kv_bytes_received,
+                "migrations": dict(self.migrations),
             }

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from cluster.worker_base import send_blocks
 from engine.kv.link import KVLink, LinkError, LinkManager
 from proto.tandem.internal.v1 import worker_pb2 as pb
 from proto.tandem.internal.v1 import worker_pb2_grpc
@@ -178,30 +179,19 @@ class HandoffSender:
     def _send_blocks(
         self, handoff: Handoff, start: int, data: Any, num_tokens: int, crc: int, first_layer: int
     ) -> None:
-        link = handoff.link
-        tag = link.next_tag()
-        header = pb.BlocksHeader(
-            request_id=handoff.request_id,
-            link_id=link.link_id,
-            tag=tag,
-            start_block=start,
-            num_blocks=data.shape[1],
-            num_tokens=num_tokens,
-            checksum=crc,
-            shape=list(data.shape),
-            dtype=str(data.dtype).removeprefix("torch."),
-            layer_start=first_layer,
-        )
         if handoff.first_send is None:
             handoff.first_send = time.perf_counter()
-        ack = handoff.stub.ReceiveBlocks.future(header, timeout=self.deadlines.transfer)
-        try:
-            link.send(data, tag, self.deadlines.transfer)
-        except LinkError:
-            ack.cancel()
-            raise
-        ack.result()
-        nbytes = data.numel() * data.element_size()
+        nbytes = send_blocks(
+            handoff.stub,
+            handoff.link,
+            handoff.request_id,
+            start,
+            data,
+            crc,
+            num_tokens,
+            first_layer,
+            self.deadlines.transfer,
+        )
         handoff.kv_bytes += nbytes
         handoff.num_chunks += 1
         with self._lock:

@@ -33,7 +33,6 @@ import grpc
 
 from cluster.worker_base import (
     WorkerServicer,
-    channel,
     delta_message,
     layout_message,
     sampling_params,
@@ -47,7 +46,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from prefill_worker.handoff import Deadlines, Handoff, HandoffSender
 from proto.tandem.internal.v1 import worker_pb2 as pb
-from proto.tandem.internal.v1 import worker_pb2_grpc
 
 
 class PrefillService(WorkerServicer):
@@ -75,7 +73,6 @@ class PrefillService(WorkerServicer):
         self._lock = threading.Lock()
         self._handoffs: dict[str, Handoff] = {}
         self.sender = HandoffSender(links, self.deadlines, self._committed, self._fail)
-        self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self.handoffs_completed = 0
         self.handoffs_failed = 0
         self.handoff_seconds_total = 0.0
@@ -96,12 +93,9 @@ class PrefillService(WorkerServicer):
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> Any:
         params = sampling_params(SamplingParams, request.params, context)
         request_id = request.request_id
-        stub = self._stub(request.decode.address)
+        stub = self.stub(request.decode.address)
         try:
-            link = self.links.connect(
-                request.decode.instance_id,
-                lambda link_id, timeout: self._open(stub, link_id, timeout),
-            )
+            link = self.connect_link(request.decode)
         except LinkError as exc:
             yield _failure("UNAVAILABLE", f"decode instance {request.decode.instance_id}: {exc}")
             return
@@ -279,17 +273,6 @@ class PrefillService(WorkerServicer):
             handoff.events.put(_failure("CANCELLED", reason))
 
     # ---- plumbing ------------------------------------------------------------------------------
-
-    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
-        with self._lock:
-            stub = self._stubs.get(address)
-            if stub is None:
-                stub = self._stubs[address] = worker_pb2_grpc.WorkerStub(channel(address))
-            return stub
-
-    def _open(self, stub: worker_pb2_grpc.WorkerStub, link_id: str, timeout: float) -> None:
-        request = pb.OpenLinkRequest(link_id=link_id, initiator=self.peer, timeout_seconds=timeout)
-        stub.OpenLink(request, timeout=timeout + 5)
 
     def counters(self) -> dict[str, Any]:
         with self._lock:

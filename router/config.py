@@ -20,6 +20,7 @@ class RouterConfig:
     # queueing without limit on the workers.
     max_in_flight: int = 1024  # requests on the workers
     max_waiting_prompt_tokens: int = 65536  # prompt tokens not yet answered by a first token
+    migration_timeout_s: float = 120.0  # one live migration, all its stages
     load_poll_interval_s: float = 0.5  # each worker's Status: load for routing and metrics
     load_max_age_s: float = 5.0  # an older load is unknown to the policies
     slo_classes: Mapping[str, SLO] = field(

@@ -19,6 +19,7 @@ admitted in admission.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -38,6 +39,7 @@ from router.instances import (
 )
 from router.load import LoadTracker
 from router.metrics import RouterMetrics
+from router.migration import Migrations
 from router.policy import (
     Candidate,
     Role,
@@ -89,6 +91,14 @@ class Router:
         )
         self.metrics = RouterMetrics(self.config.slo_classes)
         self.loads = LoadTracker(max_age_s=self.config.load_max_age_s)
+        self.migrations = Migrations(
+            self._in_flight,
+            self._instances,
+            self._routed,
+            self.loads,
+            self.metrics.migration,
+            self.config.migration_timeout_s,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -175,6 +185,31 @@ class Router:
     def drain(self) -> None:
         """Take no new requests (NotReadyError); those in flight run to their end."""
         self._draining = True
+
+    def choice_ids(self, request_id: str) -> list[str]:
+        """The ids in flight of a request the client knows by `request_id`: its first
+        choice has that id, the others `{request_id}-{c}`."""
+        prefix = f"{request_id}-"
+        return [i for i in self._in_flight if i == request_id or i.startswith(prefix)]
+
+    def instances_summary(self) -> list[dict[str, Any]]:
+        """Each worker as the admin API shows it."""
+        now = time.monotonic()
+        summary = []
+        for instance in self._instances.values():
+            load = self.loads.current(instance.instance_id, now)
+            summary.append(
+                {
+                    "instance_id": instance.instance_id,
+                    "role": instance.role.value,
+                    "address": instance.address,
+                    "healthy": instance.healthy,
+                    "draining": instance.draining,
+                    "num_requests": self._routed.get(instance.instance_id, 0),
+                    "load": None if load is None else dataclasses.asdict(load),
+                }
+            )
+        return summary
 
     @staticmethod
     def new_request_id(prefix: str = "cmpl") -> str:
@@ -299,7 +334,7 @@ class Router:
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
         instances = await connect_all(self._addresses, self.config.connect_timeout_s, options)
-        self._instances = {i.instance_id: i for i in instances}
+        self._instances.update((i.instance_id, i) for i in instances)
 
     def _subscribe_all(self) -> None:
         for instance in self._instances.values():
@@ -330,7 +365,7 @@ class Router:
                 self.loads.step_model(i.instance_id),
             )
             for i in self._instances.values()
-            if i.healthy
+            if i.healthy and not i.draining
         ]
         return self._policy.choose(request, candidates)
 
@@ -374,9 +409,10 @@ class Router:
             return  # its prefill stream ends by itself: the handoff event may still come
         if request.prefill_task is not None:
             request.prefill_task.cancel()
+        holders = [*request.route.instance_ids, *filter(None, [request.migrating_to])]
         abort = self._spawn(
             abort_on(
-                [self._instances[i] for i in request.route.instance_ids],
+                [self._instances[i] for i in holders],
                 request.request_id,
                 "the client went away, or the request failed",
                 self.config.rpc_timeout_s,
@@ -387,9 +423,13 @@ class Router:
 
     # -- token streams -------------------------------------------------------------------
 
-    def _on_delta(self, delta: worker_pb2.TokenDelta) -> None:
+    def _on_delta(self, instance: Instance, delta: worker_pb2.TokenDelta) -> None:
         request = self._in_flight.get(delta.request_id)
-        if request is not None:  # else it ended here already (aborted, failed)
+        if request is None:
+            return  # it ended here already (aborted, failed)
+        if instance.instance_id == request.route.decode_id or self.migrations.accepts(
+            request, instance.instance_id, delta
+        ):
             request.stream.push(delta)
 
     def _on_stream_broken(self, instance: Instance, reason: str) -> None:

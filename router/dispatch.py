@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -38,6 +38,8 @@ class InFlight:
     waiting: bool = True  # no token yet: its prompt counts against the admission bound
     prefill_task: asyncio.Task[None] | None = None
     handoff: HandoffRecord | None = None
+    migrating_to: str | None = None  # a decode instance it is being migrated to
+    moved_from: set[str] = field(default_factory=set)  # decode instances it left
 
 
 async def generate_colocated(

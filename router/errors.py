@@ -26,6 +26,10 @@ class ModelNotFoundError(RouterError):
     """The request names a model this router does not serve."""
 
 
+class UnknownRequestError(RouterError):
+    """No request with that id is in flight on this router."""
+
+
 class NoInstanceError(RouterError):
     """No healthy instance can take the request right now."""
 

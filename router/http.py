@@ -9,6 +9,7 @@
     GET  /ready                 200 while it takes requests, else 503 (readiness)
     GET  /metrics               Prometheus text
     GET  /status                the workers' Status, handoff totals, requests in flight
+    /admin/...                  instances, drain, live migration (router.http_admin)
 
 With `stream: true` a completion comes as server-sent events, `data: {chunk}` per
 delta, then `data: [DONE]`. Errors are OpenAI-shaped, `{"error": {message, type,
@@ -45,6 +46,7 @@ from router import __version__
 from router.core import Router
 from router.errors import InvalidRequestError, RouterError
 from router.frontend import check_model
+from router.http_admin import admin_routes
 from router.http_completions import ENDPOINTS, CompletionRoutes
 from router.http_guard import RequestGuard, add_error_handlers
 from router.metrics import RouterMetrics
@@ -80,6 +82,7 @@ def create_app(
     # method and its redirect of a trailing slash.
     api.router.routes += [Route(path, completions, methods=["POST"]) for path in ENDPOINTS]
     api.include_router(routes)
+    api.include_router(admin_routes)
     api.openapi = _openapi(api)  # type: ignore[method-assign]
     add_error_handlers(api)
     return RequestGuard(

@@ -32,6 +32,7 @@ from router.errors import (
     NotReadyError,
     OverloadedError,
     RouterError,
+    UnknownRequestError,
 )
 from router.metrics import RouterMetrics
 from router.openai_protocol import error_body
@@ -189,5 +190,6 @@ _ERRORS: dict[type[RouterError], tuple[int, str, str | None, str | None]] = {
     OverloadedError: (429, "rate_limit_error", "overloaded", "overloaded"),
     NotReadyError: (503, "server_error", "not_ready", "not_ready"),
     NoInstanceError: (503, "server_error", "no_instance", "no_instance"),
+    UnknownRequestError: (404, "invalid_request_error", "request_not_found", None),
     RouterError: (500, "server_error", None, None),  # GenerationError among them
 }

@@ -37,6 +37,7 @@ class Instance:
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.WorkerStub
     stream_open: asyncio.Event = field(default_factory=asyncio.Event)
+    draining: bool = False  # takes no new requests; its requests are migrated away
 
     # Read for every candidate of every request's route: made once (info never changes).
     @functools.cached_property
@@ -121,7 +122,7 @@ class Subscription:
         self,
         instance: Instance,
         router_id: str,
-        on_delta: Callable[[worker_pb2.TokenDelta], None],
+        on_delta: Callable[[Instance, worker_pb2.TokenDelta], None],
         on_broken: Callable[[Instance, str], None],
         backoff_s: tuple[float, float],
     ) -> None:
@@ -160,7 +161,7 @@ class Subscription:
             self._delay_s = self._min_delay_s
             async for batch in call:
                 for delta in batch.deltas:
-                    self._on_delta(delta)
+                    self._on_delta(self._instance, delta)
         finally:
             call.cancel()
 

@@ -19,6 +19,7 @@ construction, time.monotonic, and exists so that tests can pass exact times):
 
     metrics.rejected("invalid_request")              # refused before request_started
     metrics.kv_transfer(handoff.kv_bytes, handoff.seconds)
+    metrics.migration(outcome)                       # a live migration ended (MigrationOutcome)
     metrics.observe_instance(status.instance_id, status.role, status.num_running,
         status.num_waiting, 1 - status.num_free_blocks / status.num_blocks,
         status.prefix_cache_queries, status.prefix_cache_hits)   # after each Status poll
@@ -48,6 +49,11 @@ the order of its calls; this module holds the registry and the other families.
 | tandem:kv_transfer_bytes_total | counter | | KV bytes handed prefill → decode |
 | tandem:kv_transfer_seconds_total | counter | | time spent on those handoffs |
 | tandem:kv_handoff_duration_seconds | histogram | | one handoff's seconds |
+| tandem:migrations_total | counter | outcome | live migrations: committed, or why not |
+| tandem:migration_downtime_seconds | histogram | | paused at the source → committed |
+| tandem:migration_duration_seconds | histogram | | a committed migration, all stages |
+| tandem:migration_stages | histogram | | copies per committed migration |
+| tandem:migration_kv_bytes_total | counter | | KV bytes moved by committed migrations |
 | tandem:num_requests_running | gauge | instance, role | the worker's running requests |
 | tandem:num_requests_waiting | gauge | instance, role | the worker's waiting requests |
 | tandem:kv_cache_usage_perc | gauge | instance, role | used fraction of KV blocks, 0..1 |
@@ -72,6 +78,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -79,6 +86,9 @@ from prometheus_client.metrics_core import Metric
 
 from router.request_metrics import RequestInstruments, RequestMetrics
 from router.slo import SLO, Attainment, SLOWindows
+
+if TYPE_CHECKING:
+    from router.migration import MigrationOutcome
 
 # fmt: off
 HANDOFF_BUCKETS = (
@@ -137,6 +147,7 @@ class RouterMetrics:
         self._inner.register(self._slo_windows)
         self._requests = RequestInstruments.register(self._inner, max_model_len)
         self._init_kv_transfer_metrics()
+        self._init_migration_metrics()
         self._init_instance_metrics()
         self._init_router_metrics()
 
@@ -174,6 +185,15 @@ class RouterMetrics:
         self._kv_bytes.inc(num_bytes)
         self._kv_seconds.inc(seconds)
         self._kv_handoff.observe(seconds)
+
+    def migration(self, outcome: MigrationOutcome) -> None:
+        """A live migration ended, committed or not."""
+        self._migrations.labels(outcome.abort_reason or "committed").inc()
+        if outcome.committed:
+            self._migration_downtime.observe(outcome.downtime_s)
+            self._migration_seconds.observe(outcome.total_s)
+            self._migration_stages.observe(outcome.stages)
+            self._migration_bytes.inc(outcome.kv_bytes)
 
     # -- workers -------------------------------------------------------------------------
 
@@ -243,6 +263,38 @@ class RouterMetrics:
             "tandem:kv_handoff_duration_seconds",
             "One KV handoff: first block sent to commit acknowledged.",
             buckets=HANDOFF_BUCKETS,
+            registry=self._inner,
+        )
+
+    def _init_migration_metrics(self) -> None:
+        self._migrations = Counter(
+            "tandem:migrations",
+            "Live migrations of running requests, by outcome: committed, or why not.",
+            ("outcome",),
+            registry=self._inner,
+        )
+        self._migration_downtime = Histogram(
+            "tandem:migration_downtime_seconds",
+            "A committed migration's pause: the request left the source's batch until it "
+            "was committed at the destination.",
+            buckets=HANDOFF_BUCKETS,
+            registry=self._inner,
+        )
+        self._migration_seconds = Histogram(
+            "tandem:migration_duration_seconds",
+            "A committed migration from start to commit, all stages.",
+            buckets=HANDOFF_BUCKETS,
+            registry=self._inner,
+        )
+        self._migration_stages = Histogram(
+            "tandem:migration_stages",
+            "Copies made by a committed migration, the paused one included.",
+            buckets=(1, 2, 3, 4, 5, 6, 8),
+            registry=self._inner,
+        )
+        self._migration_bytes = Counter(
+            "tandem:migration_kv_bytes",
+            "KV cache bytes moved by committed migrations.",
             registry=self._inner,
         )
 

@@ -185,6 +185,38 @@ class KVLayout(_message.Message):
     head_dim: int
     def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ...) -> None: ...
 
+class MigrateRequest(_message.Message):
+    __slots__ = ("request_id", "destination", "stage_deadline_seconds", "max_stages")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STAGES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    destination: Peer
+    stage_deadline_seconds: float
+    max_stages: int
+    def __init__(self, request_id: _Optional[str] = ..., destination: _Optional[_Union[Peer, _Mapping]] = ..., stage_deadline_seconds: _Optional[float] = ..., max_stages: _Optional[int] = ...) -> None: ...
+
+class MigrateReply(_message.Message):
+    __slots__ = ("committed", "abort_reason", "detail", "stages", "kv_bytes", "downtime_seconds", "total_seconds", "num_kv_tokens")
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    ABORT_REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    committed: bool
+    abort_reason: str
+    detail: str
+    stages: int
+    kv_bytes: int
+    downtime_seconds: float
+    total_seconds: float
+    num_kv_tokens: int
+    def __init__(self, committed: _Optional[bool] = ..., abort_reason: _Optional[str] = ..., detail: _Optional[str] = ..., stages: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., downtime_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., num_kv_tokens: _Optional[int] = ...) -> None: ...
+
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params", "num_kv_tokens", "layout", "sender", "link_id", "router_id", "deadline_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -352,7 +384,14 @@ class StepSample(_message.Message):
     def __init__(self, num_batched_tokens: _Optional[int] = ..., num_seqs: _Optional[int] = ..., num_prefill_tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., end_time: _Optional[float] = ...) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("instance_id", "role", "num_blocks", "num_free_blocks", "num_waiting", "num_running", "num_reserved", "num_held", "num_queued_prefill_tokens", "invariants_error", "handoffs_completed", "handoffs_failed", "kv_bytes_sent", "kv_bytes_received", "handoff_seconds_total", "links", "steps", "step_samples", "prefix_cache_queries", "prefix_cache_hits", "max_num_batched_tokens", "max_num_seqs")
+    __slots__ = ("instance_id", "role", "num_blocks", "num_free_blocks", "num_waiting", "num_running", "num_reserved", "num_held", "num_queued_prefill_tokens", "invariants_error", "handoffs_completed", "handoffs_failed", "kv_bytes_sent", "kv_bytes_received", "handoff_seconds_total", "links", "steps", "step_samples", "prefix_cache_queries", "prefix_cache_hits", "max_num_batched_tokens", "max_num_seqs", "migrations")
+    class MigrationsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -375,6 +414,7 @@ class InstanceStatus(_message.Message):
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     num_blocks: int
@@ -397,4 +437,5 @@ class InstanceStatus(_message.Message):
     prefix_cache_hits: int
     max_num_batched_tokens: int
     max_num_seqs: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_held: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., invariants_error: _Optional[str] = ..., handoffs_completed: _Optional[int] = ..., handoffs_failed: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., handoff_seconds_total: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., steps: _Optional[int] = ..., step_samples: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    migrations: _containers.ScalarMap[str, int]
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_held: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., invariants_error: _Optional[str] = ..., handoffs_completed: _Optional[int] = ..., handoffs_failed: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., handoff_seconds_total: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., steps: _Optional[int] = ..., step_samples: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., migrations: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -69,6 +69,11 @@ class WorkerStub:
                 request_serializer=proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.CommitRequest.SerializeToString,
                 response_deserializer=proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.CommitReply.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/tandem.internal.v1.Worker/Migrate',
+                request_serializer=proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.MigrateReply.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/tandem.internal.v1.Worker/Abort',
                 request_serializer=proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -135,6 +140,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Router -> decode instance: move a running request, with its KV, to another decode
+        instance while it keeps generating (Llumnix). Answers once it has moved or not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Anyone -> any instance: end a request wherever it is; frees its blocks.
         """
@@ -191,6 +204,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Commit,
                     request_deserializer=proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.CommitRequest.FromString,
                     response_serializer=proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.CommitReply.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.MigrateRequest.FromString,
+                    response_serializer=proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.MigrateReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -397,6 +415,33 @@ class Worker:
             '/tandem.internal.v1.Worker/Commit',
             proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.CommitRequest.SerializeToString,
             proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.CommitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.internal.v1.Worker/Migrate',
+            proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.MigrateRequest.SerializeToString,
+            proto_dot_tandem_dot_internal_dot_v1_dot_worker__pb2.MigrateReply.FromString,
             options,
             channel_credentials,
             insecure,
