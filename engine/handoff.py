@@ -144,7 +144,9 @@ class KVTransferMixin:
         its output tokens so far, and how many tokens its KV holds."""
         request = self._decoding(request_id)
         self.scheduler.hold(request)
-        return list(request.block_ids), request.output_token_ids, request.num_computed_tokens
+        num_kv_tokens = request.num_computed_tokens
+        block_ids = request.block_ids[: self.kv.blocks_for(num_kv_tokens)]
+        return block_ids, request.output_token_ids, num_kv_tokens
 
     def resume(self, request_id: str) -> bool:
         """A paused request rejoins the batch; False if it ended meanwhile (aborted)."""
