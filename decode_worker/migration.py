@@ -63,6 +63,7 @@ class MigrationLimits:
     final_blocks: int = 2  # pause as soon as no more than this many blocks are left
     headroom_tokens: int = 64  # reserved beyond the context, for the tokens it adds
     lease: float = 60.0  # D frees the reservation if the source goes silent this long
+    blocking: bool = False  # stop and copy: pause first, copy everything while paused
 
 
 class Abort(Exception):
@@ -128,7 +129,7 @@ class Migration:
             ) from exc
         self._enter(MigrationState.RESERVING)
         self._reserve(request, request.num_computed_tokens + self.limits.headroom_tokens)
-        while True:  # copy what is full while the request runs
+        while not self.limits.blocking:  # copy what is full while the request runs
             self._enter(MigrationState.COPYING)
             self._send(blocks[self._copied :], running=True)
             blocks, again = self._full_blocks()
@@ -138,11 +139,11 @@ class Migration:
             if left <= self.limits.final_blocks or self.stages >= self.limits.max_stages:
                 break
         self._enter(MigrationState.PAUSED)
-        paused = time.perf_counter()
         try:
             block_ids, output_ids, num_kv_tokens = self._call(self._engine.pause, self.request_id)
         except MigrationError as exc:
             raise Abort("finished", str(exc)) from exc
+        paused = time.perf_counter()  # it was in the step that ran while pause() waited
         self.num_kv_tokens = num_kv_tokens
         if num_kv_tokens > self._reserved_tokens:
             self._reserve(request, num_kv_tokens)

@@ -20,6 +20,7 @@ takes prompts (Generate) and runs both phases with the same engine.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -165,14 +166,12 @@ class DecodeService(WorkerServicer):
         if busy:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request_id!r} is moving already")
         limits = self.migration_limits
-        if request.stage_deadline_seconds > 0 or request.max_stages > 0:
-            limits = MigrationLimits(
-                stage_deadline=request.stage_deadline_seconds or limits.stage_deadline,
-                max_stages=request.max_stages or limits.max_stages,
-                final_blocks=limits.final_blocks,
-                headroom_tokens=limits.headroom_tokens,
-                lease=limits.lease,
-            )
+        limits = dataclasses.replace(
+            limits,
+            stage_deadline=request.stage_deadline_seconds or limits.stage_deadline,
+            max_stages=request.max_stages or limits.max_stages,
+            blocking=request.blocking,
+        )
         try:
             reply = Migration(request_id, router_id, request.destination, self, limits).run()
         finally:

@@ -21,6 +21,11 @@ class RouterConfig:
     max_in_flight: int = 1024  # requests on the workers
     max_waiting_prompt_tokens: int = 65536  # prompt tokens not yet answered by a first token
     migration_timeout_s: float = 120.0  # one live migration, all its stages
+    # The migration scheduler (cluster.migration_policy): "off" or "balance", run every
+    # migration_interval_s on the decode instances' loads.
+    migration_policy: str = "off"
+    migration_interval_s: float = 1.0
+    migration_threshold: float = 0.2  # the load gap (fraction of KV blocks) worth a move
     load_poll_interval_s: float = 0.5  # each worker's Status: load for routing and metrics
     load_max_age_s: float = 5.0  # an older load is unknown to the policies
     slo_classes: Mapping[str, SLO] = field(

@@ -113,6 +113,8 @@ class Router:
             await self._wait_streams_open()
             self.metrics.set_model_name(self.model_id)
             self._spawn(self._poll_loads())
+            if self.config.migration_policy != "off":
+                self._spawn(self.migrations.run_policy(self.config))
             self._started = True
         except BaseException:
             await self.close()

@@ -33,6 +33,10 @@ class MigrateBody(BaseModel):
     destination: str | None = Field(
         default=None, description="a decode instance id; by default the least busy other one"
     )
+    blocking: bool = Field(
+        default=False,
+        description="stop and copy: pause the request for the whole copy (a baseline)",
+    )
 
 
 class DrainBody(BaseModel):
@@ -55,11 +59,13 @@ async def drain(instance_id: str, request: Request, body: DrainBody | None = Non
 @admin_routes.post("/requests/{request_id}/migrate")
 async def migrate(request_id: str, request: Request, body: MigrateBody | None = None) -> Any:
     router = _router(request)
-    destination = (body or MigrateBody()).destination
+    body = body or MigrateBody()
     choices = router.choice_ids(request_id)
     if not choices:
         raise UnknownRequestError(f"no request {request_id!r} is in flight on this router")
-    outcomes = [await router.migrations.migrate(c, destination) for c in choices]
+    outcomes = [
+        await router.migrations.migrate(c, body.destination, body.blocking) for c in choices
+    ]
     return {"migrations": [o.to_dict() for o in outcomes]}
 
 

@@ -15,6 +15,11 @@ finishes with "stop" or "length"): a migration's failure at the destination, or 
 undoing there, ends nothing. Since the destination continues from the exact tokens
 and seed position, both copies agree on every position either of them sends.
 
+run_policy() runs the migration scheduler (cluster.migration_policy) every interval on
+a snapshot of the decode instances: KV blocks in use from their last Status, demand
+from the requests routed to them still waiting for a first token, and each running
+request's blocks from its prompt and the tokens streamed so far.
+
 drain(D) takes D out of routing and migrates its requests away, retrying those that
 cannot move yet (still arriving from prefill), until none is left or time is up.
 """
@@ -31,7 +36,9 @@ from typing import Any
 
 import grpc
 
+from cluster.migration_policy import DecodeInstance, RunningRequest, make_policy
 from proto.tandem.internal.v1 import worker_pb2
+from router.config import RouterConfig
 from router.dispatch import InFlight
 from router.errors import InvalidRequestError, NoInstanceError, RouterError, UnknownRequestError
 from router.instances import Instance
@@ -103,9 +110,12 @@ class Migrations:
 
     # -- migrate one request -----------------------------------------------------------------
 
-    async def migrate(self, request_id: str, destination_id: str | None = None) -> MigrationOutcome:
+    async def migrate(
+        self, request_id: str, destination_id: str | None = None, blocking: bool = False
+    ) -> MigrationOutcome:
         """Moves a request in flight (by its router id) to `destination_id`, or to the
-        least busy other decode instance; returns what happened."""
+        least busy other decode instance; returns what happened. `blocking` pauses it
+        for the whole copy (stop and copy, the baseline live migration improves on)."""
         request = self._in_flight.get(request_id)
         if request is None:
             raise UnknownRequestError(f"no request {request_id!r} is in flight on this router")
@@ -120,7 +130,9 @@ class Migrations:
         request.migrating_to = destination.instance_id
         try:
             reply = await source.stub.Migrate(
-                worker_pb2.MigrateRequest(request_id=request_id, destination=destination.peer()),
+                worker_pb2.MigrateRequest(
+                    request_id=request_id, destination=destination.peer(), blocking=blocking
+                ),
                 timeout=self._timeout_s,
             )
         except grpc.aio.AioRpcError as e:
@@ -168,6 +180,52 @@ class Migrations:
         if not choices:
             raise NoInstanceError("no other healthy decode instance can take the request")
         return min(choices, key=lambda i: self._routed.get(i.instance_id, 0))
+
+    # -- the migration scheduler -------------------------------------------------------------
+
+    async def run_policy(self, config: RouterConfig) -> None:
+        """Until cancelled: every interval, the policy's moves, carried out together."""
+        policy = make_policy(config.migration_policy, config.migration_threshold)
+        while True:
+            await asyncio.sleep(config.migration_interval_s)
+            instances, requests = self.snapshot(time.monotonic())
+            moves = policy.plan(instances, requests)
+            results = await asyncio.gather(
+                *(self.migrate(m.request_id, m.destination_id) for m in moves),
+                return_exceptions=True,
+            )
+            for move, result in zip(moves, results, strict=True):
+                if isinstance(result, BaseException) and not isinstance(result, RouterError):
+                    logger.error("migration of %s failed: %r", move.request_id, result)
+
+    def snapshot(self, now: float) -> tuple[list[DecodeInstance], list[RunningRequest]]:
+        """The decode instances with a known load, and the requests decoding on them."""
+        instances: dict[str, DecodeInstance] = {}
+        for instance in self._instances.values():
+            load = self._loads.current(instance.instance_id, now)
+            if instance.role != Role.DECODE or not instance.healthy or load is None:
+                continue
+            instances[instance.instance_id] = DecodeInstance(
+                instance.instance_id,
+                load.num_blocks,
+                load.num_blocks - load.num_free_blocks,
+                draining=instance.draining,
+            )
+        requests = []
+        for request in list(self._in_flight.values()):
+            owner = instances.get(request.route.decode_id)
+            if owner is None:
+                continue
+            block_size = self._instances[owner.instance_id].info.layout.block_size
+            num_tokens = request.num_prompt_tokens + request.stream.num_released
+            num_blocks = -(-num_tokens // block_size)
+            if request.waiting:  # not decoding yet: what it will need counts as demand
+                instances[owner.instance_id] = dataclasses.replace(
+                    owner, num_demand_blocks=owner.num_demand_blocks + num_blocks
+                )
+            elif request.migrating_to is None:
+                requests.append(RunningRequest(request.request_id, owner.instance_id, num_blocks))
+        return list(instances.values()), requests
 
     # -- drain an instance ---------------------------------------------------------------------
 

@@ -139,6 +139,13 @@ def add_front_door_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-waiting-prompt-tokens", type=int, default=RouterConfig.max_waiting_prompt_tokens
     )
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20)
+    parser.add_argument(
+        "--migration-policy", default="off", choices=["off", "balance"],
+        help="balance: migrate running requests from the most to the least loaded decode "
+        "instance while their KV usage differs by more than --migration-threshold",
+    )  # fmt: skip
+    parser.add_argument("--migration-interval", type=float, default=1.0, help="seconds")
+    parser.add_argument("--migration-threshold", type=float, default=0.2, help="0..1")
 
 
 def front_door_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,6 +157,8 @@ def front_door_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--grpc-tls-cert and --grpc-tls-key go together")
     if args.grpc_tls_cert:
         tls = (Path(args.grpc_tls_cert).read_bytes(), Path(args.grpc_tls_key).read_bytes())
+    if args.migration_interval <= 0 or not 0 < args.migration_threshold <= 1:
+        raise ValueError("--migration-interval must be positive, --migration-threshold in (0, 1]")
     if args.max_in_flight < 1 or args.max_waiting_prompt_tokens < 1 or args.max_body_mb <= 0:
         raise ValueError(
             "--max-in-flight, --max-waiting-prompt-tokens and --max-body-mb must be positive"
@@ -162,5 +171,8 @@ def front_door_options(args: argparse.Namespace) -> dict[str, Any]:
         "config": RouterConfig(
             max_in_flight=args.max_in_flight,
             max_waiting_prompt_tokens=args.max_waiting_prompt_tokens,
+            migration_policy=args.migration_policy,
+            migration_interval_s=args.migration_interval,
+            migration_threshold=args.migration_threshold,
         ),
     }

@@ -41,6 +41,11 @@ class RequestStream:
         return self._closed
 
     @property
+    def num_released(self) -> int:
+        """Output positions released to the reader so far."""
+        return self._next_index
+
+    @property
     def needs_abort(self) -> bool:
         """True until a worker has finished the request: the workers may still hold it."""
         return not self._finished_by_worker

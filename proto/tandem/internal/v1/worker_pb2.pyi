@@ -186,16 +186,18 @@ class KVLayout(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("request_id", "destination", "stage_deadline_seconds", "max_stages")
+    __slots__ = ("request_id", "destination", "stage_deadline_seconds", "max_stages", "blocking")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     STAGE_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_STAGES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     destination: Peer
     stage_deadline_seconds: float
     max_stages: int
-    def __init__(self, request_id: _Optional[str] = ..., destination: _Optional[_Union[Peer, _Mapping]] = ..., stage_deadline_seconds: _Optional[float] = ..., max_stages: _Optional[int] = ...) -> None: ...
+    blocking: bool
+    def __init__(self, request_id: _Optional[str] = ..., destination: _Optional[_Union[Peer, _Mapping]] = ..., stage_deadline_seconds: _Optional[float] = ..., max_stages: _Optional[int] = ..., blocking: _Optional[bool] = ...) -> None: ...
 
 class MigrateReply(_message.Message):
     __slots__ = ("committed", "abort_reason", "detail", "stages", "kv_bytes", "downtime_seconds", "total_seconds", "num_kv_tokens")
