@@ -19,7 +19,6 @@ admitted in admission.py.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -48,7 +47,13 @@ from router.policy import (
     RouteRequest,
     RoutingPolicy,
 )
-from router.status import HandoffLog, HandoffRecord, instance_status, poll_status
+from router.status import (
+    HandoffLog,
+    HandoffRecord,
+    instance_status,
+    instances_summary,
+    poll_status,
+)
 from router.streams import RequestStream
 from router.tokenizer import RouterTokenizer
 
@@ -196,22 +201,7 @@ class Router:
 
     def instances_summary(self) -> list[dict[str, Any]]:
         """Each worker as the admin API shows it."""
-        now = time.monotonic()
-        summary = []
-        for instance in self._instances.values():
-            load = self.loads.current(instance.instance_id, now)
-            summary.append(
-                {
-                    "instance_id": instance.instance_id,
-                    "role": instance.role.value,
-                    "address": instance.address,
-                    "healthy": instance.healthy,
-                    "draining": instance.draining,
-                    "num_requests": self._routed.get(instance.instance_id, 0),
-                    "load": None if load is None else dataclasses.asdict(load),
-                }
-            )
-        return summary
+        return instances_summary(self._instances.values(), self._routed, self.loads)
 
     @staticmethod
     def new_request_id(prefix: str = "cmpl") -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -128,3 +129,26 @@ async def poll_status(
         status.prefix_cache_queries,
         status.prefix_cache_hits,
     )
+
+
+def instances_summary(
+    instances: Iterable[Instance], routed: Mapping[str, int], loads: LoadTracker
+) -> list[dict[str, Any]]:
+    """Each worker as the admin API shows it: role, address, health, draining, the
+    requests routed to it and its last load (None when unknown or stale)."""
+    now = time.monotonic()
+    summary = []
+    for instance in instances:
+        load = loads.current(instance.instance_id, now)
+        summary.append(
+            {
+                "instance_id": instance.instance_id,
+                "role": instance.role.value,
+                "address": instance.address,
+                "healthy": instance.healthy,
+                "draining": instance.draining,
+                "num_requests": routed.get(instance.instance_id, 0),
+                "load": None if load is None else asdict(load),
+            }
+        )
+    return summary

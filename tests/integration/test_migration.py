@@ -106,6 +106,21 @@ def expected_tokens(url: str, prompt: list[int], max_tokens: int, sampling: dict
     return choice["token_ids"], choice["text"]
 
 
+def expected_all(url: str, cases: list[tuple[list[int], dict[str, Any]]], max_tokens: int):
+    """expected_tokens of every case, sent together (they share batches, as later)."""
+    results: list[Any] = [None] * len(cases)
+
+    def run(i: int) -> None:
+        results[i] = expected_tokens(url, cases[i][0], max_tokens, cases[i][1])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def assert_all_free(addresses: list[str]) -> None:
     for status in wait_all_free(addresses):
         assert status.num_free_blocks == status.num_blocks, status.instance_id
@@ -141,7 +156,7 @@ def test_many_requests_migrating_back_and_forth_under_load_lose_and_repeat_nothi
     router, addresses = cluster
     cases = [(prompts[i], GREEDY if i % 2 else {**SEEDED, "seed": i}) for i in range(3, 11)]
     max_tokens = 80
-    expected = [expected_tokens(router.url, p, max_tokens, s) for p, s in cases]
+    expected = expected_all(router.url, cases, max_tokens)
     streams = [Stream(router.url, p, max_tokens, s) for p, s in cases]
     rng = random.Random(0)
     committed = 0
@@ -191,7 +206,7 @@ def test_draining_a_decode_instance_under_load_completes_every_request(cluster, 
     url = router.url
     cases = [(prompts[i], GREEDY if i % 2 else {**SEEDED, "seed": i}) for i in range(4, 10)]
     max_tokens = 60
-    expected = [expected_tokens(url, p, max_tokens, s) for p, s in cases]
+    expected = expected_all(url, cases, max_tokens)
     streams = [Stream(url, p, max_tokens, s) for p, s in cases]
     for stream in streams:
         stream.wait_tokens(2)
