@@ -98,6 +98,7 @@ class Migration:
         self._call: Callable[..., Any] = service.loop.call
         self._stub = service.stub(destination.address)
         self._link: Any = None
+        self._preemptions = 0  # the request's count when the migration began
         self._reserved_tokens = 0
         self._copied = 0  # leading blocks already at D
         self._stage_started = 0.0
@@ -118,8 +119,7 @@ class Migration:
     # -- the stages ------------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        blocks, preemptions = self._full_blocks()
-        request = self._call(self._engine.requests.__getitem__, self.request_id)
+        request, blocks = self._call(self._start)
         self._enter(MigrationState.CONNECTING)
         try:
             self._link = self._service.connect_link(self.destination)
@@ -132,9 +132,7 @@ class Migration:
         while not self.limits.blocking:  # copy what is full while the request runs
             self._enter(MigrationState.COPYING)
             self._send(blocks[self._copied :], running=True)
-            blocks, again = self._full_blocks()
-            if again != preemptions:
-                raise Abort("not_decoding", "the request was preempted at the source")
+            blocks = self._full_blocks()
             left = len(blocks) - self._copied
             if left <= self.limits.final_blocks or self.stages >= self.limits.max_stages:
                 break
@@ -164,13 +162,24 @@ class Migration:
             # Its client aborted while it was paused: D must not run it either.
             self._abort_at_destination("the request was aborted during its migration")
 
-    def _full_blocks(self) -> tuple[list[int], int]:
+    def _start(self) -> tuple[Any, list[int]]:
+        """On the engine's thread: the request and its full blocks."""
+        try:
+            blocks, self._preemptions = self._engine.full_blocks(self.request_id)
+        except MigrationError as exc:
+            raise _not_decoding(exc) from exc
+        return self._engine.requests[self.request_id], blocks
+
+    def _full_blocks(self) -> list[int]:
+        """The request's full blocks now; Abort if it ended, stopped decoding, or was
+        preempted since the migration began (the blocks copied may hold other KV)."""
         try:
             blocks, preemptions = self._call(self._engine.full_blocks, self.request_id)
         except MigrationError as exc:
-            reason = "finished" if "not on this instance" in str(exc) else "not_decoding"
-            raise Abort(reason, str(exc)) from exc
-        return blocks, preemptions
+            raise _not_decoding(exc) from exc
+        if preemptions != self._preemptions:
+            raise Abort("not_decoding", "the request was preempted at the source")
+        return blocks
 
     def _reserve(self, request: Any, num_kv_tokens: int) -> None:
         """D.Reserve for `num_kv_tokens` in all (again: D grows the reservation)."""
@@ -202,8 +211,8 @@ class Migration:
         if not block_ids:
             return
         data, crc = self._engine.read_blocks(block_ids)  # off the engine's thread
-        if running and not self._call(self._still_running):
-            raise Abort("finished", "the request ended while its blocks were copied")
+        if running:
+            self._full_blocks()  # still its blocks: what was read is its KV
         try:
             self.kv_bytes += send_blocks(
                 self._stub,
@@ -222,10 +231,6 @@ class Migration:
         except grpc.RpcError as exc:
             raise self._rpc_abort("destination_failed", exc) from exc
         self._copied += len(block_ids)
-
-    def _still_running(self) -> bool:
-        request = self._engine.requests.get(self.request_id)
-        return request is not None and not request.status.is_finished
 
     # -- rollback ----------------------------------------------------------------------------
 
@@ -290,6 +295,11 @@ class Migration:
             total_seconds=time.perf_counter() - started,
             num_kv_tokens=self.num_kv_tokens,
         )
+
+
+def _not_decoding(exc: MigrationError) -> Abort:
+    reason = "finished" if "not on this instance" in str(exc) else "not_decoding"
+    return Abort(reason, str(exc))
 
 
 def params_message(params: Any) -> pb.SamplingParams:

@@ -38,6 +38,7 @@ from engine.kv.kv_cache import KVBlockMeta
 from engine.kv.link import LinkError, LinkManager
 from engine.loop import EngineLoop
 from engine.outputs import RequestOutput
+from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
 from proto.tandem.internal.v1 import worker_pb2 as pb
 
@@ -186,7 +187,7 @@ class DecodeService(WorkerServicer):
         """On the engine's thread, once the destination has committed: frees the source's
         copy. False if the request ended here meanwhile (its client aborted)."""
         request = self.engine.requests.get(request_id)
-        held = request is not None and request.status.name == "HELD"
+        held = request is not None and request.status == RequestStatus.HELD
         self.engine.release(request_id)
         self._forget(request_id)
         return held

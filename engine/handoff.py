@@ -130,15 +130,6 @@ class KVTransferMixin:
         data = self.kv_cache.read_blocks(block_ids)
         return data, kv_checksum(data)
 
-    def still_decoding(self, request_id: str, num_preemptions: int) -> bool:
-        """True if the request runs on the blocks `full_blocks` returned."""
-        request = self.requests.get(request_id)
-        return (
-            request is not None
-            and request.status == RequestStatus.RUNNING
-            and request.num_preemptions == num_preemptions
-        )
-
     def pause(self, request_id: str) -> tuple[list[int], list[int], int]:
         """Takes a decoding request out of the batch, keeping its blocks: its block ids,
         its output tokens so far, and how many tokens its KV holds."""

@@ -28,7 +28,7 @@ from typing import Any
 from proto.tandem.internal.v1 import worker_pb2
 from router.admission import Admission
 from router.config import RouterConfig
-from router.dispatch import InFlight, abort_on, generate_colocated, run_prefill
+from router.dispatch import InFlight, abort_on, dispatch
 from router.errors import NotReadyError, RouterError
 from router.instances import (
     Instance,
@@ -50,9 +50,9 @@ from router.policy import (
 from router.status import (
     HandoffLog,
     HandoffRecord,
-    instance_status,
     instances_summary,
-    poll_status,
+    poll_loads,
+    workers_status,
 )
 from router.streams import RequestStream
 from router.tokenizer import RouterTokenizer
@@ -111,15 +111,22 @@ class Router:
         """Ask every worker for its Info, then open the token streams. Raises
         RouterStartError if a worker cannot be reached or they serve different models."""
         try:
-            await self._connect_all()
+            config = self.config
+            instances = await connect_all(
+                self._addresses, config.connect_timeout_s, config.max_message_bytes
+            )
+            self._instances.update((i.instance_id, i) for i in instances)
             first = self._instances[next(iter(self._instances))]
             self._tokenizer = RouterTokenizer.from_info(first.info)
             self._subscribe_all()
-            await self._wait_streams_open()
+            streaming = [i for i in self._instances.values() if i.streams_tokens]
+            await wait_streams_open(streaming, config.connect_timeout_s)
             self.metrics.set_model_name(self.model_id)
-            self._spawn(self._poll_loads())
-            if self.config.migration_policy != "off":
-                self._spawn(self.migrations.run_policy(self.config))
+            self._spawn(
+                poll_loads(self._instances, config, self.loads, self.metrics, self._queue_sizes)
+            )
+            if config.migration_policy != "off":
+                self._spawn(self.migrations.run_policy(config))
             self._started = True
         except BaseException:
             await self.close()
@@ -193,12 +200,6 @@ class Router:
         """Take no new requests (NotReadyError); those in flight run to their end."""
         self._draining = True
 
-    def choice_ids(self, request_id: str) -> list[str]:
-        """The ids in flight of a request the client knows by `request_id`: its first
-        choice has that id, the others `{request_id}-{c}`."""
-        prefix = f"{request_id}-"
-        return [i for i in self._in_flight if i == request_id or i.startswith(prefix)]
-
     def instances_summary(self) -> list[dict[str, Any]]:
         """Each worker as the admin API shows it."""
         return instances_summary(self._instances.values(), self._routed, self.loads)
@@ -241,7 +242,19 @@ class Router:
         tracked = self.metrics.request_started()
         finish_reason, num_cached = "abort", 0  # unless a last delta says otherwise
         try:
-            await self._dispatch(request, list(prompt_token_ids), params)
+            await dispatch(
+                request,
+                self._instances,
+                worker_pb2.GenerateRequest(
+                    request_id=request_id,
+                    prompt_token_ids=prompt_token_ids,
+                    params=params,
+                    router_id=self.config.router_id,
+                ),
+                self.config.rpc_timeout_s,
+                self._spawn,
+                self._on_handoff,
+            )
             tracked.dispatched()
             while True:
                 delta = await request.stream.get()
@@ -259,6 +272,10 @@ class Router:
             self._answered(request)
             self._end(request)
 
+    def _queue_sizes(self) -> tuple[int, int]:
+        """Requests in flight, and of those the ones still waiting for a first token."""
+        return len(self._in_flight), sum(r.waiting for r in self._in_flight.values())
+
     def _admit(self, num_prompt_tokens: int) -> None:
         if not self._started:
             raise NotReadyError("the router is starting; retry in a moment")
@@ -275,21 +292,6 @@ class Router:
             )
             self._admission.answered(request.num_prompt_tokens)
 
-    async def _poll_loads(self) -> None:
-        """Every load_poll_interval_s: each worker's Status, for routing and metrics."""
-        request = worker_pb2.StatusRequest()
-        timeout = self.config.rpc_timeout_s
-        while True:
-            await asyncio.gather(
-                *(
-                    poll_status(i, request, timeout, self.loads, self.metrics)
-                    for i in self._instances.values()
-                )
-            )
-            waiting = sum(r.waiting for r in self._in_flight.values())
-            self.metrics.set_router_queue(len(self._in_flight), waiting)
-            await asyncio.sleep(self.config.load_poll_interval_s)
-
     def abort(self, request_id: str) -> bool:
         """Stop a request in flight (by the id its deltas carry): its stream ends with
         finish_reason "abort" and the workers drop it. False if it is not in flight."""
@@ -303,12 +305,8 @@ class Router:
         """The workers' Status, the handoff totals and the requests in flight, as JSON.
         With check_invariants, each worker checks its KV cache and says what is wrong in
         `invariants_error`."""
-        request = worker_pb2.StatusRequest(check_invariants=check_invariants)
-        instances = await asyncio.gather(
-            *(
-                instance_status(i, request, self.config.rpc_timeout_s)
-                for i in self._instances.values()
-            )
+        instances = await workers_status(
+            self._instances.values(), check_invariants, self.config.rpc_timeout_s
         )
         return {
             "router_id": self.config.router_id,
@@ -319,14 +317,6 @@ class Router:
         }
 
     # -- starting ----------------------------------------------------------------------
-
-    async def _connect_all(self) -> None:
-        options = [
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", self.config.max_message_bytes),
-        ]
-        instances = await connect_all(self._addresses, self.config.connect_timeout_s, options)
-        self._instances.update((i.instance_id, i) for i in instances)
 
     def _subscribe_all(self) -> None:
         for instance in self._instances.values():
@@ -339,10 +329,6 @@ class Router:
                     self.config.reconnect_backoff_s,
                 )
                 self._spawn(subscription.run())
-
-    async def _wait_streams_open(self) -> None:
-        streaming = [i for i in self._instances.values() if i.streams_tokens]
-        await wait_streams_open(streaming, self.config.connect_timeout_s)
 
     # -- one request -------------------------------------------------------------------
 
@@ -360,32 +346,6 @@ class Router:
             if i.healthy and not i.draining
         ]
         return self._policy.choose(request, candidates)
-
-    async def _dispatch(
-        self, request: InFlight, prompt_token_ids: list[int], params: worker_pb2.SamplingParams
-    ) -> None:
-        decode = self._instances[request.route.decode_id]
-        router_id, timeout = self.config.router_id, self.config.rpc_timeout_s
-        if request.route.prefill_id is None:
-            generate = worker_pb2.GenerateRequest(
-                request_id=request.request_id,
-                prompt_token_ids=prompt_token_ids,
-                params=params,
-                router_id=router_id,
-            )
-            await generate_colocated(request, decode, generate, timeout)
-            return
-        prefill = self._instances[request.route.prefill_id]
-        prefill_request = worker_pb2.PrefillRequest(
-            request_id=request.request_id,
-            prompt_token_ids=prompt_token_ids,
-            params=params,
-            decode=decode.peer(),
-            router_id=router_id,
-        )
-        request.prefill_task = self._spawn(
-            run_prefill(request, prefill, decode, prefill_request, self._on_handoff)
-        )
 
     def _on_handoff(self, record: HandoffRecord) -> None:
         self.handoffs.add(record)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -40,6 +41,31 @@ class InFlight:
     handoff: HandoffRecord | None = None
     migrating_to: str | None = None  # a decode instance it is being migrated to
     moved_from: set[str] = field(default_factory=set)  # decode instances it left
+
+
+async def dispatch(
+    request: InFlight,
+    instances: Mapping[str, Instance],
+    generate: worker_pb2.GenerateRequest,
+    timeout_s: float,
+    spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+    on_handoff: Callable[[HandoffRecord], None],
+) -> None:
+    """Sends the request to its route: Generate on a colocated instance (answered once it
+    is queued there), or a Prefill stream naming the decode instance, run by a task."""
+    decode = instances[request.route.decode_id]
+    if request.route.prefill_id is None:
+        await generate_colocated(request, decode, generate, timeout_s)
+        return
+    prefill = instances[request.route.prefill_id]
+    prefill_request = worker_pb2.PrefillRequest(
+        request_id=generate.request_id,
+        prompt_token_ids=generate.prompt_token_ids,
+        params=generate.params,
+        decode=decode.peer(),
+        router_id=generate.router_id,
+    )
+    request.prefill_task = spawn(run_prefill(request, prefill, decode, prefill_request, on_handoff))
 
 
 async def generate_colocated(

@@ -60,7 +60,7 @@ async def drain(instance_id: str, request: Request, body: DrainBody | None = Non
 async def migrate(request_id: str, request: Request, body: MigrateBody | None = None) -> Any:
     router = _router(request)
     body = body or MigrateBody()
-    choices = router.choice_ids(request_id)
+    choices = router.migrations.choice_ids(request_id)
     if not choices:
         raise UnknownRequestError(f"no request {request_id!r} is in flight on this router")
     outcomes = [

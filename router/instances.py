@@ -83,10 +83,14 @@ async def connect(address: str, timeout_s: float, options: Sequence[tuple[str, i
 
 
 async def connect_all(
-    addresses: Sequence[str], timeout_s: float, options: Sequence[tuple[str, int]]
+    addresses: Sequence[str], timeout_s: float, max_message_bytes: int
 ) -> list[Instance]:
     """connect() to every address at once. Raises RouterStartError if one cannot be
     reached, two report the same instance id, or they serve different models."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
     connected = await asyncio.gather(
         *(connect(a, timeout_s, options) for a in addresses), return_exceptions=True
     )

@@ -85,6 +85,12 @@ class Migrations:
         self._on_outcome = on_outcome
         self._timeout_s = timeout_s
 
+    def choice_ids(self, request_id: str) -> list[str]:
+        """The ids in flight of a request the client knows by `request_id`: its first
+        choice has that id, the others `{request_id}-{c}`."""
+        prefix = f"{request_id}-"
+        return [i for i in self._in_flight if i == request_id or i.startswith(prefix)]
+
     # -- the token streams ------------------------------------------------------------------
 
     def accepts(self, request: InFlight, instance_id: str, delta: worker_pb2.TokenDelta) -> bool:
@@ -119,13 +125,11 @@ class Migrations:
         request = self._in_flight.get(request_id)
         if request is None:
             raise UnknownRequestError(f"no request {request_id!r} is in flight on this router")
-        if request.route.prefill_id is None and self._instances[request.route.decode_id].role == (
-            Role.COLOCATED
-        ):
+        source = self._instances[request.route.decode_id]
+        if source.role != Role.DECODE:
             raise InvalidRequestError("requests on colocated instances do not migrate")
         if request.migrating_to is not None:
             raise InvalidRequestError(f"request {request_id!r} is moving already")
-        source = self._instances[request.route.decode_id]
         destination = self._destination(source, destination_id)
         request.migrating_to = destination.instance_id
         try:

@@ -8,10 +8,11 @@ prefill instance's HandoffDone), as totals and as the latest records.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import grpc
 from google.protobuf.message import Message
 
 from proto.tandem.internal.v1 import worker_pb2
+from router.config import RouterConfig
 from router.instances import Instance, rpc_reason
 from router.load import LoadTracker
 from router.metrics import RouterMetrics
@@ -152,3 +154,32 @@ def instances_summary(
             }
         )
     return summary
+
+
+async def workers_status(
+    instances: Iterable[Instance], check_invariants: bool, timeout_s: float
+) -> list[dict[str, Any]]:
+    """Every worker's Status as JSON (instance_status), asked together."""
+    request = worker_pb2.StatusRequest(check_invariants=check_invariants)
+    return list(await asyncio.gather(*(instance_status(i, request, timeout_s) for i in instances)))
+
+
+async def poll_loads(
+    instances: Mapping[str, Instance],
+    config: RouterConfig,
+    loads: LoadTracker,
+    metrics: RouterMetrics,
+    router_queue: Callable[[], tuple[int, int]],
+) -> None:
+    """Until cancelled, every load_poll_interval_s: each worker's Status, for routing
+    and metrics, and the router's own queue (in flight, waiting) for the metrics."""
+    request = worker_pb2.StatusRequest()
+    while True:
+        await asyncio.gather(
+            *(
+                poll_status(i, request, config.rpc_timeout_s, loads, metrics)
+                for i in instances.values()
+            )
+        )
+        metrics.set_router_queue(*router_queue())
+        await asyncio.sleep(config.load_poll_interval_s)

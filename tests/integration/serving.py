@@ -85,9 +85,11 @@ def tandem_serve(
 
 
 class RouterThread:
-    """router.server.serve() on its own event loop thread, with real HTTP and gRPC ports."""
+    """router.server.serve() on its own event loop thread, with real HTTP and gRPC ports;
+    `serve_options` go to serve() (policy, config, ...)."""
 
-    def __init__(self, addresses: Sequence[str]) -> None:
+    def __init__(self, addresses: Sequence[str], **serve_options: Any) -> None:
+        self._serve_options = serve_options
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self._loop = asyncio.new_event_loop()
@@ -113,7 +115,14 @@ class RouterThread:
         async def main() -> None:
             ready = asyncio.Event()
             self._task = asyncio.ensure_future(
-                serve(addresses, "127.0.0.1", self.http_port, self.grpc_port, ready)
+                serve(
+                    addresses,
+                    "127.0.0.1",
+                    self.http_port,
+                    self.grpc_port,
+                    ready,
+                    **self._serve_options,
+                )
             )
             waiter = asyncio.ensure_future(ready.wait())
             await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -15,6 +15,8 @@ import httpx
 import pytest
 
 from cluster.deployment import Deployment, DeploymentOptions
+from router.config import RouterConfig
+from router.policy import RoundRobinPolicy
 from tests.integration.serving import RouterThread, complete, wait_all_free
 
 GREEDY: dict[str, Any] = {"temperature": 0.0}
@@ -197,6 +199,40 @@ def test_bad_migrations_are_refused_with_reasons(cluster, prompts):
         assert says in response.json()["error"]["message"]
     stream.join()
     assert stream.finish_reason == "length" and len(stream.token_ids) == 120
+    assert_all_free(addresses)
+
+
+def test_the_balancing_scheduler_moves_requests_off_the_busier_instance(cluster, prompts):
+    """Round-robin puts both long contexts on one decode instance and both short ones on
+    the other; the router's scheduler moves one long context over, and every stream
+    still matches its reference."""
+    reference, addresses = cluster
+    cases = [
+        (prompts[-1], GREEDY),
+        (prompts[0], GREEDY),
+        (prompts[9], GREEDY),
+        (prompts[1], GREEDY),
+    ]
+    max_tokens = 120
+    expected = expected_all(reference.url, cases, max_tokens)
+    config = RouterConfig(
+        migration_policy="balance", migration_interval_s=0.3, migration_threshold=0.02
+    )
+    with RouterThread(addresses, policy=RoundRobinPolicy(), config=config) as router:
+        streams = []
+        for prompt, sampling in cases:  # one at a time: round-robin's order is fixed
+            streams.append(Stream(router.url, prompt, max_tokens, sampling))
+            streams[-1].wait_tokens(1)
+        for stream in streams:
+            stream.join()
+        metrics = httpx.get(f"{router.url}/metrics", timeout=30).text
+    committed = [
+        line for line in metrics.splitlines()
+        if line.startswith("tandem:migrations_total{") and 'outcome="committed"' in line
+    ]  # fmt: skip
+    assert committed and float(committed[0].rsplit(" ", 1)[1]) >= 1, committed
+    for stream, (tokens, text) in zip(streams, expected, strict=True):
+        assert (stream.token_ids, stream.text) == (tokens, text)
     assert_all_free(addresses)
 
 

@@ -52,7 +52,7 @@ def migrate(source: LLMEngine, dest: LLMEngine, request_id: str, seen: Collector
     )
     data, crc = source.read_blocks(blocks)
     seen.add(source.step())  # the request decodes on while its blocks travel
-    assert source.still_decoding(request_id, preemptions)
+    assert source.full_blocks(request_id)[1] == preemptions  # not preempted meanwhile
     dest.write_kv(request_id, 0, data, crc)
     block_ids, output_ids, num_kv_tokens = source.pause(request_id)
     seen.add(source.step())  # a paused request is not scheduled
