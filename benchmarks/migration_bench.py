@@ -62,6 +62,8 @@ class TimedStream:
         }
         self.url = url
         self.id = ""
+        self.error = ""  # the error the stream ended with, if any
+        self.sent = time.perf_counter()
         self.arrivals: list[float] = []  # one per token
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -71,6 +73,9 @@ class TimedStream:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        self.error = str(chunk["error"])
+                        continue
                     self.id = chunk["id"]
                     now = time.perf_counter()
                     self.arrivals += [now] * len(chunk["choices"][0].get("token_ids") or [])

@@ -84,6 +84,10 @@ class Migrations:
         self._loads = loads
         self._on_outcome = on_outcome
         self._timeout_s = timeout_s
+        # When each instance last ended a migration (either side), router clock: the
+        # scheduler waits for a load reported after it, or it would move the same load
+        # twice, back and forth.
+        self._settled_at: dict[str, float] = {}
 
     def choice_ids(self, request_id: str) -> list[str]:
         """The ids in flight of a request the client knows by `request_id`: its first
@@ -145,6 +149,8 @@ class Migrations:
             )
         finally:
             request.migrating_to = None
+            ended = time.monotonic()
+            self._settled_at[source.instance_id] = self._settled_at[destination.instance_id] = ended
         if reply.committed:
             self._move(request, destination.instance_id)
         elif request.route.decode_id == destination.instance_id:  # undone at the destination
@@ -203,11 +209,14 @@ class Migrations:
                     logger.error("migration of %s failed: %r", move.request_id, result)
 
     def snapshot(self, now: float) -> tuple[list[DecodeInstance], list[RunningRequest]]:
-        """The decode instances with a known load, and the requests decoding on them."""
+        """The decode instances with a known load reported since their last migration
+        ended, and the requests decoding on them."""
         instances: dict[str, DecodeInstance] = {}
         for instance in self._instances.values():
             load = self._loads.current(instance.instance_id, now)
             if instance.role != Role.DECODE or not instance.healthy or load is None:
+                continue
+            if load.updated_at <= self._settled_at.get(instance.instance_id, -1.0):
                 continue
             instances[instance.instance_id] = DecodeInstance(
                 instance.instance_id,
