@@ -29,7 +29,7 @@ class DeploymentOptions:
     prefill_instances: int = 1
     decode_instances: int = 1
     model: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     launcher: str = "ray"
     ray_address: str | None = None
     host: str = "127.0.0.1"

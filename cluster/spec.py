@@ -21,7 +21,7 @@ class WorkerSpec:
     role: str
     store_address: str  # host:port of the state store (a TCPStore)
     model: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # "auto": resolved where the worker runs (engine.config)
     num_threads: int = 1
     num_cpus: float = 1.0  # Ray resources
     num_gpus: float = 0.0
@@ -50,10 +50,12 @@ class WorkerSpec:
         return cls(**data)
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """The EngineConfig fields this spec sets."""
+        """The EngineConfig fields this spec sets ("auto" values resolved on this machine)."""
+        from engine.config import resolve_dtype
+
         return {
             "model": self.model,
-            "dtype": self.dtype,
+            "dtype": resolve_dtype(self.dtype),
             "num_threads": self.num_threads,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
