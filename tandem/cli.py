@@ -2,11 +2,13 @@
 
     tandem generate "Once upon a time" --max-tokens 64
     tandem chat "What is the capital of France?"
-    tandem serve [--mode disaggregated|colocated] [--prefill-instances N] [--decode-instances N]
+    tandem serve [--config FILE] [--mode disaggregated|colocated] [--decode-instances N] ...
+    tandem config check FILE...
 
 generate and chat run one engine in this process and stream the text. serve starts
 the state store, the workers (Ray actors, or local processes with --launcher local)
-and the router: OpenAI HTTP on 127.0.0.1:8000 and gRPC on 127.0.0.1:50051.
+and the router: OpenAI HTTP on 127.0.0.1:8000 and gRPC on 127.0.0.1:50051. Its
+settings come from the YAML file (cluster/config.py), and the flags given win over it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import faulthandler
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from engine.config import SUPPORTED_DTYPES, EngineConfig
+from engine.config import DTYPE_CHOICES, EngineConfig, resolve_dtype
 from engine.engine import LLMEngine
 from engine.errors import TandemError
 from engine.sampling_params import SamplingParams
@@ -38,22 +41,31 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="a .gguf file or a safetensors directory (default: SmolLM2-135M-Instruct)",
         )
-        sub.add_argument("--dtype", default="bfloat16", choices=sorted(SUPPORTED_DTYPES))
+        sub.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
         sub.add_argument("--max-tokens", type=int, default=128)
         sub.add_argument("--temperature", type=float, default=0.0)
         sub.add_argument("--top-p", type=float, default=1.0)
         sub.add_argument("--seed", type=int, default=None)
-    _add_serve(commands)
+    _add_serve_arguments(commands.add_parser("serve", help="serve over OpenAI HTTP and gRPC"))
     commands.add_parser(
         "bench", help="serving benchmark: `tandem bench run|compare --help`", add_help=False
+    )
+    commands.add_parser(
+        "config", help="`tandem config check FILE...`: validate YAML configs", add_help=False
     )
     return parser
 
 
-def _add_serve(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser("serve", help="serve the model over OpenAI HTTP and gRPC")
+DTYPE_HELP = "auto: bfloat16 where the CPU computes in it (avx512_bf16, amx_bf16), else float32"
+
+
+def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--config", default=None, metavar="FILE",
+        help="a YAML config (deploy/local.yaml shows every section); flags given win over it",
+    )  # fmt: skip
     serve.add_argument("--model", default=None, help="as for generate (default: SmolLM2)")
-    serve.add_argument("--dtype", default="bfloat16", choices=sorted(SUPPORTED_DTYPES))
+    serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     serve.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
     serve.add_argument("--prefill-instances", type=int, default=1)
     serve.add_argument("--decode-instances", type=int, default=1)
@@ -81,11 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.serving.cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["config"]:
+        return _config(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, argv[1:])
     try:
-        engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype))
+        engine = LLMEngine(EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype)))
         params = SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
@@ -103,32 +117,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _config(argv: list[str]) -> int:
+    if argv[:1] != ["check"]:
+        print("usage: tandem config check [--schema] FILE...", file=sys.stderr)
+        return 2
+    from cluster.config_apply import config_check_main
+
+    return config_check_main(argv[1:])
+
+
+def _serve_settings(args: argparse.Namespace, argv: list[str]) -> tuple[Any, Any, dict[str, Any]]:
+    """The config, the deployment's options and serve()'s arguments: the --config file
+    (or the defaults), with the flags given on the command line put over it."""
+    from cluster.config import ConfigError, TandemConfig, apply_overrides, load_config
+    from cluster.config_apply import (
+        FLAG_PATHS,
+        deployment_options,
+        overrides_from_flags,
+        serve_options,
+    )
+
+    config = load_config(args.config) if args.config else TandemConfig()
+    given = _flags_given(argv)
+    try:
+        config = apply_overrides(config, overrides_from_flags(given))
+    except ConfigError as error:  # name the flag, not the field it sets
+        flags = {
+            p: f"--{dest.replace('_', '-')}" for dest in given for p in FLAG_PATHS.get(dest, ())
+        }
+        problems = [problem.split(": ", 2) for problem in error.problems]
+        named = [f"{flags.get(p[1], p[1])}: {p[-1]}" for p in problems]
+        raise ConfigError(list(dict.fromkeys(named))) from None  # a flag may set two fields
+    front_door = serve_options(config)
+    front_door["api_keys"] = [*args.api_key, *front_door["api_keys"]]
+    return config, deployment_options(config, source=args.config or "flags"), front_door
+
+
+def _flags_given(argv: list[str]) -> dict[str, Any]:
+    """{dest: value} for the serve flags on the command line, and no others."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_serve_arguments(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     import asyncio
     import logging
 
-    from cluster.deployment import Deployment, DeploymentOptions
-    from router.server import front_door_options, serve
+    from cluster.deployment import Deployment
+    from router.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        options = DeploymentOptions(
-            mode=args.mode,
-            prefill_instances=args.prefill_instances,
-            decode_instances=args.decode_instances,
-            model=args.model,
-            dtype=args.dtype,
-            launcher=args.launcher,
-            ray_address=args.ray_address,
-            host=args.host,
-            threads_per_worker=args.threads_per_worker,
-            cpus_per_worker=args.cpus_per_worker,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            kv_cache_memory_bytes=int(args.kv_cache_gb * (1 << 30)),
-            attention_backend=args.attention_backend,
-        )
-        front_door = front_door_options(args)
-    except (ValueError, OSError) as error:
+        config, options, front_door = _serve_settings(args, argv)
+    except (ValueError, OSError) as error:  # ConfigError is a ValueError
         print(f"tandem serve: {error}", file=sys.stderr)
         return 2
     deployment = Deployment(options)
@@ -139,7 +183,8 @@ def _serve(args: argparse.Namespace) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every stack
     try:
         addresses = deployment.start()
-        asyncio.run(serve(addresses, args.host, args.http_port, args.grpc_port, **front_door))
+        router = config.router
+        asyncio.run(serve(addresses, router.host, router.http_port, router.grpc_port, **front_door))
     except KeyboardInterrupt:
         pass
     except Exception as error:
