@@ -66,9 +66,10 @@ def summarize(
 ) -> dict[str, Any]:
     complete = [s for s, r in zip(streams, requests) if not s.error and len(s.arrivals) == r[2]]
     ttft = [s.arrivals[0] - s.sent for s in complete]
-    tpot = [(s.arrivals[-1] - s.arrivals[0]) / (len(s.arrivals) - 1) for s in complete]
+    tpot = [_tpot(s) for s in complete]
     token_gaps = [b - a for s in complete for a, b in itertools.pairwise(s.arrivals)]
-    good = sum(t <= args.ttft_slo_ms / 1e3 and p <= args.tpot_slo_ms / 1e3 for t, p in zip(ttft, tpot))
+    ttft_slo, tpot_slo = args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3
+    good = sum(t <= ttft_slo and p <= tpot_slo for t, p in zip(ttft, tpot))
     duration = max(s.arrivals[-1] for s in complete) - min(s.sent for s in streams)
     return {
         "completed": len(complete),
@@ -81,7 +82,25 @@ def summarize(
         "gap_p99_s": percentile(token_gaps, 99),
         "goodput_rps": good / duration,
         "num_good": good,
+        "per_request": [  # arrival order: (max tokens, TTFT s, TPOT s), None if it failed
+            [r[2], *((s.arrivals[0] - s.sent, _tpot(s)) if s in complete else (None, None))]
+            for s, r in zip(streams, requests)
+        ],
     }
+
+
+def _tpot(stream: TimedStream) -> float:
+    return (stream.arrivals[-1] - stream.arrivals[0]) / (len(stream.arrivals) - 1)
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """TPOT percentiles over every completed request of every round, by output length."""
+    by_length: dict[int, list[float]] = {}
+    for run in runs:
+        for max_tokens, _, tpot in run["per_request"]:
+            if tpot is not None:
+                by_length.setdefault(max_tokens, []).append(tpot)
+    return {n: {f"p{q}": percentile(v, q) for q in (50, 90, 99)} for n, v in by_length.items()}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -164,6 +183,14 @@ def main() -> None:
             f"{m['gap_p99_s'] * 1e3:>6.1f}ms {m['ttft_p99_s']:>8.2f}s "
             f"{m['goodput_rps']:>6.2f}r/s {m['duration_s']:>8.1f}s"
         )
+    print("TPOT of every request of every round, by output length:")
+    pooled_tpot = {p: pooled(rs) for p, rs in runs.items()}
+    for policy, by_length in pooled_tpot.items():
+        for length, row in by_length.items():
+            print(
+                f"{policy:>10} {length:>4} tokens: p50 {row['p50'] * 1e3:.0f}ms "
+                f"p90 {row['p90'] * 1e3:.0f}ms p99 {row['p99'] * 1e3:.0f}ms"
+            )
     off, on = medians["off"], medians["balance"]
     print(
         f"balance/off: TPOT p99 x{on['tpot_p99_s'] / off['tpot_p99_s']:.2f}, "
@@ -177,6 +204,7 @@ def main() -> None:
             "load_average_after": load_average(),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "median": medians,
+            "pooled_tpot_s": pooled_tpot,
             "runs": runs,
         },
     )

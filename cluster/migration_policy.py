@@ -13,12 +13,15 @@ requests queued for it:
 
 `balance` pairs the most loaded instance with the least loaded one while their loads
 differ by more than `threshold`, and moves the requests with the fewest blocks first
-(cheapest to copy), each only if the move narrows the gap. A draining instance is
-emptied whatever its load, onto the least loaded instances that have room.
+(cheapest to copy), each only if the move narrows the gap and leaves the destination
+`headroom` of its blocks free, for its own requests to grow into (a destination filled to
+the brim preempts its requests, which then recompute). A draining instance is emptied
+whatever its load, onto the least loaded instances that have room.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -73,13 +76,16 @@ class NoMigration(MigrationPolicy):
 
 
 class BalancePolicy(MigrationPolicy):
-    def __init__(self, threshold: float = 0.2, max_moves: int = 4) -> None:
+    def __init__(self, threshold: float = 0.2, max_moves: int = 4, headroom: float = 0.1) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"migration threshold must be in (0, 1], got {threshold}")
+        if not 0 <= headroom < 1:
+            raise ValueError(f"migration headroom must be in [0, 1), got {headroom}")
         if max_moves < 1:
             raise ValueError(f"max moves per round must be at least 1, got {max_moves}")
         self.threshold = threshold
         self.max_moves = max_moves
+        self.headroom = headroom
 
     def plan(
         self, instances: Sequence[DecodeInstance], requests: Sequence[RunningRequest]
@@ -119,11 +125,12 @@ class BalancePolicy(MigrationPolicy):
         if source.load - target.load <= self.threshold:
             return None
         gap_blocks = (source.load - target.load) * min(source.num_blocks, target.num_blocks)
+        room = target.num_free_blocks - math.ceil(self.headroom * target.num_blocks)
         for request in requests:  # fewest blocks first
             if request.request_id in moved or request.instance_id != source.instance_id:
                 continue
             # A move of k blocks leaves a gap of |gap - 2k|: narrower only while k < gap.
-            if request.num_blocks < gap_blocks and request.num_blocks <= target.num_free_blocks:
+            if request.num_blocks < gap_blocks and request.num_blocks <= room:
                 return _apply(state, request, target)
         return None
 

@@ -38,6 +38,15 @@ def test_no_move_within_the_threshold_or_when_a_move_would_overshoot():
     assert BalancePolicy(0.2).plan(lopsided, only_big) == []
 
 
+def test_a_move_leaves_the_destination_headroom_to_grow_into():
+    instances = [instance("a", 100), instance("b", 75)]  # 25 blocks free on b
+    fits = [RunningRequest("r", "a", 10)]  # b keeps 15 free: more than 10% of 100
+    assert BalancePolicy(0.2, headroom=0.1).plan(instances, fits) == [Move("r", "a", "b")]
+    too_big = [RunningRequest("r", "a", 20)]  # b would keep 5
+    assert BalancePolicy(0.2, headroom=0.1).plan(instances, too_big) == []
+    assert BalancePolicy(0.2, headroom=0.0).plan(instances, too_big) == [Move("r", "a", "b")]
+
+
 def test_queued_demand_counts_as_load():
     instances = [instance("a", 30, demand=50), instance("b", 30)]
     moves = BalancePolicy(0.2).plan(instances, [RunningRequest("r", "a", 10)])
