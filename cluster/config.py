@@ -192,6 +192,12 @@ class StoreConfig(_Model):
         default="tandem:", min_length=1, description="prefix of every key tandem writes"
     )
     timeout_s: float = Field(default=1.0, gt=0, description="bounds each store call")
+    heartbeat_ttl_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="an instance whose Status goes unanswered this long is expired: out of "
+        "routing and out of the registry until it answers again",
+    )
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> StoreConfig:

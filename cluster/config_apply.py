@@ -153,6 +153,9 @@ def router_config(config: TandemConfig) -> RouterConfig:
 
 def serve_options(config: TandemConfig, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """router.server.serve()'s keyword arguments (as front_door_options gives from flags)."""
+    from cluster.registry import Registry
+    from cluster.store import make_store
+    from router.membership import Membership
     from router.policy import make_policy
 
     tls = None
@@ -161,6 +164,9 @@ def serve_options(config: TandemConfig, environ: Mapping[str, str] | None = None
         tls = (Path(router.grpc_tls_cert).read_bytes(), Path(router.grpc_tls_key).read_bytes())
     return {
         "policy": make_policy(router.policy),
+        "membership": Membership(
+            Registry(make_store(**store_options(config, environ)), config.store.heartbeat_ttl_s)
+        ),
         "api_keys": api_keys(config, environ),
         "grpc_tls": tls,
         "max_body_bytes": int(router.limits.max_body_mb * 2**20),

@@ -29,31 +29,14 @@ from proto.tandem.internal.v1 import worker_pb2
 from router.admission import Admission
 from router.config import RouterConfig
 from router.dispatch import InFlight, abort_on, dispatch
-from router.errors import NotReadyError, RouterError
-from router.instances import (
-    Instance,
-    Subscription,
-    connect_all,
-    wait_streams_open,
-)
+from router.errors import NotReadyError, RouterError, RouterStartError
+from router.instances import Instance, Subscription, connect_all, wait_streams_open
 from router.load import LoadTracker
+from router.membership import Membership
 from router.metrics import RouterMetrics
 from router.migration import Migrations
-from router.policy import (
-    Candidate,
-    Role,
-    RoundRobinPolicy,
-    Route,
-    RouteRequest,
-    RoutingPolicy,
-)
-from router.status import (
-    HandoffLog,
-    HandoffRecord,
-    instances_summary,
-    poll_loads,
-    workers_status,
-)
+from router.policy import Candidate, Role, RoundRobinPolicy, Route, RouteRequest, RoutingPolicy
+from router.status import HandoffLog, HandoffRecord, instances_summary, poll_loads, workers_status
 from router.streams import RequestStream
 from router.tokenizer import RouterTokenizer
 
@@ -76,6 +59,7 @@ class Router:
         worker_addresses: Sequence[str],
         policy: RoutingPolicy | None = None,
         config: RouterConfig | None = None,
+        membership: Membership | None = None,
     ) -> None:
         if not worker_addresses:
             raise ValueError("the router needs at least one worker address")
@@ -95,6 +79,8 @@ class Router:
             self.config.max_in_flight, self.config.max_waiting_prompt_tokens
         )
         self.metrics = RouterMetrics(self.config.slo_classes)
+        self.membership = membership or Membership()  # the instance registry, in memory
+        self.metrics.add_collector(self.membership)
         self.loads = LoadTracker(max_age_s=self.config.load_max_age_s)
         self.migrations = Migrations(
             self._in_flight,
@@ -115,6 +101,9 @@ class Router:
             instances = await connect_all(
                 self._addresses, config.connect_timeout_s, config.max_message_bytes
             )
+            instances = await self.membership.admit(instances)  # the refused are closed
+            if not instances:
+                raise RouterStartError(f"every worker was refused: {self.membership.refused}")
             self._instances.update((i.instance_id, i) for i in instances)
             first = self._instances[next(iter(self._instances))]
             self._tokenizer = RouterTokenizer.from_info(first.info)
@@ -123,7 +112,14 @@ class Router:
             await wait_streams_open(streaming, config.connect_timeout_s)
             self.metrics.set_model_name(self.model_id)
             self._spawn(
-                poll_loads(self._instances, config, self.loads, self.metrics, self._queue_sizes)
+                poll_loads(
+                    self._instances,
+                    config,
+                    self.loads,
+                    self.metrics,
+                    self._queue_sizes,
+                    self.membership,
+                )
             )
             if config.migration_policy != "off":
                 self._spawn(self.migrations.run_policy(config))
@@ -141,6 +137,7 @@ class Router:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(i.channel.close() for i in self._instances.values()))
+        await self.membership.close()
 
     async def __aenter__(self) -> Router:
         await self.start()
@@ -314,6 +311,7 @@ class Router:
             "num_in_flight": self.num_in_flight,
             "instances": instances,
             "handoffs": self.handoffs.summary(),
+            "store": self.membership.summary(),
         }
 
     # -- starting ----------------------------------------------------------------------

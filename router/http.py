@@ -189,8 +189,8 @@ async def health() -> dict[str, str]:
 @routes.get("/ready")
 async def ready(request: Request) -> Response:
     router = _router(request)
-    if router.ready:
-        return JSONResponse({"status": "ready"})
+    if router.ready:  # a store outage shows here, but routing goes on from the cache
+        return JSONResponse({"status": "ready", "store": router.membership.summary()})
     reason = "draining" if router.draining else "no healthy route to the workers"
     return JSONResponse(error_body(f"not ready: {reason}", "server_error", code="not_ready"), 503)
 

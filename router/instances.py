@@ -38,6 +38,7 @@ class Instance:
     stub: worker_pb2_grpc.WorkerStub
     stream_open: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False  # takes no new requests; its requests are migrated away
+    expired: bool = False  # missed its heartbeats (router.membership): out of routing
 
     # Read for every candidate of every request's route: made once (info never changes).
     @functools.cached_property
@@ -54,7 +55,7 @@ class Instance:
 
     @property
     def healthy(self) -> bool:
-        return self.stream_open.is_set() or not self.streams_tokens
+        return (self.stream_open.is_set() or not self.streams_tokens) and not self.expired
 
     def peer(self) -> worker_pb2.Peer:
         return worker_pb2.Peer(instance_id=self.instance_id, address=self.address)

@@ -54,6 +54,9 @@ the order of its calls; this module holds the registry and the other families.
 | tandem:migration_duration_seconds | histogram | | a committed migration, all stages |
 | tandem:migration_stages | histogram | | copies per committed migration |
 | tandem:migration_kv_bytes_total | counter | | KV bytes moved by committed migrations |
+| tandem:store_up | gauge | | 1 while the state store answers (router.membership) |
+| tandem:store_errors_total | counter | | state store calls that failed or timed out |
+| tandem:registry_events_total | counter | event | registered, reregistered, expired, refused |
 | tandem:num_requests_running | gauge | instance, role | the worker's running requests |
 | tandem:num_requests_waiting | gauge | instance, role | the worker's waiting requests |
 | tandem:kv_cache_usage_perc | gauge | instance, role | used fraction of KV blocks, 0..1 |
@@ -78,7 +81,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -150,6 +153,10 @@ class RouterMetrics:
         self._init_migration_metrics()
         self._init_instance_metrics()
         self._init_router_metrics()
+
+    def add_collector(self, collector: Any) -> None:
+        """Families a collector (an object with collect()) yields at each scrape."""
+        self._inner.register(collector)
 
     def set_model_name(self, model_name: str) -> None:
         """Label every series with model_name (the router learns it from its workers)."""

@@ -31,6 +31,7 @@ from router.config import RouterConfig
 from router.core import Router
 from router.grpc_api import start_grpc_server
 from router.http import DEFAULT_MAX_BODY_BYTES, create_app
+from router.membership import Membership
 from router.policy import POLICIES, RoutingPolicy, make_policy
 
 logger = logging.getLogger(__name__)
@@ -50,11 +51,13 @@ async def serve(
     api_keys: Sequence[str] = (),
     grpc_tls: tuple[bytes, bytes] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    membership: Membership | None = None,
 ) -> None:
-    """Serve until cancelled. `ready_event` is set once both APIs take requests."""
+    """Serve until cancelled. `ready_event` is set once both APIs take requests.
+    `membership` holds the instance registry and its store (default: in memory)."""
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off Unix
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _log_tasks)
-    async with Router(worker_addresses, policy, config) as router:
+    async with Router(worker_addresses, policy, config, membership) as router:
         grpc_server = await start_grpc_server(
             router, host, grpc_port, api_keys=api_keys, tls=grpc_tls
         )

@@ -22,7 +22,8 @@ from google.protobuf.message import Message
 from proto.tandem.internal.v1 import worker_pb2
 from router.config import RouterConfig
 from router.instances import Instance, rpc_reason
-from router.load import LoadTracker
+from router.load import InstanceLoad, LoadTracker
+from router.membership import Membership
 from router.metrics import RouterMetrics
 
 logger = logging.getLogger(__name__)
@@ -107,21 +108,22 @@ async def poll_status(
     timeout_s: float,
     loads: LoadTracker,
     metrics: RouterMetrics,
-) -> None:
+) -> InstanceLoad | None:
     """Asks a worker for its Status: its load for the routing policies, its gauges for
-    the metrics. A worker that does not answer is left out of the metrics, and its load
-    goes stale (LoadTracker.max_age_s)."""
+    the metrics; None if it does not answer. Such a worker is left out of the metrics,
+    and its load goes stale (LoadTracker.max_age_s)."""
     sent = time.monotonic()
     try:
         status = await instance.stub.Status(request, timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
         logger.debug("Status of %s: %s", instance, rpc_reason(e))
         metrics.forget_instance(instance.instance_id)
-        return
+        return None
     try:
-        loads.update(instance.instance_id, status, sent)
+        load = loads.update(instance.instance_id, status, sent)
     except ValueError as e:
         logger.warning("Status of %s: %s", instance, e)
+        return None
     metrics.observe_instance(
         instance.instance_id,
         instance.role.value,
@@ -131,6 +133,7 @@ async def poll_status(
         status.prefix_cache_queries,
         status.prefix_cache_hits,
     )
+    return load
 
 
 def instances_summary(
@@ -148,6 +151,7 @@ def instances_summary(
                 "role": instance.role.value,
                 "address": instance.address,
                 "healthy": instance.healthy,
+                "expired": instance.expired,
                 "draining": instance.draining,
                 "num_requests": routed.get(instance.instance_id, 0),
                 "load": None if load is None else asdict(load),
@@ -170,16 +174,17 @@ async def poll_loads(
     loads: LoadTracker,
     metrics: RouterMetrics,
     router_queue: Callable[[], tuple[int, int]],
+    membership: Membership,
 ) -> None:
-    """Until cancelled, every load_poll_interval_s: each worker's Status, for routing
-    and metrics, and the router's own queue (in flight, waiting) for the metrics."""
+    """Until cancelled, every load_poll_interval_s: each worker's Status, for routing,
+    metrics and heartbeats (router.membership), and the router's own queue (in flight,
+    waiting) for the metrics."""
     request = worker_pb2.StatusRequest()
     while True:
-        await asyncio.gather(
-            *(
-                poll_status(i, request, config.rpc_timeout_s, loads, metrics)
-                for i in instances.values()
-            )
+        polled = list(instances.values())
+        answers = await asyncio.gather(
+            *(poll_status(i, request, config.rpc_timeout_s, loads, metrics) for i in polled)
         )
+        await membership.after_poll(zip(polled, answers))
         metrics.set_router_queue(*router_queue())
         await asyncio.sleep(config.load_poll_interval_s)

@@ -4,6 +4,7 @@
     tandem chat "What is the capital of France?"
     tandem serve [--config FILE] [--mode disaggregated|colocated] [--decode-instances N] ...
     tandem config check FILE...
+    tandem status [--config FILE] [--router URL]
 
 generate and chat run one engine in this process and stream the text. serve starts
 the state store, the workers (Ray actors, or local processes with --launcher local)
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "config", help="`tandem config check FILE...`: validate YAML configs", add_help=False
     )
+    commands.add_parser(
+        "status", help="instances, roles, load and health: `tandem status --help`", add_help=False
+    )
     return parser
 
 
@@ -95,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(argv[1:])
     if argv[:1] == ["config"]:
         return _config(argv[1:])
+    if argv[:1] == ["status"]:
+        from cluster.status import main as status_main
+
+        return status_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args, argv[1:])

@@ -209,12 +209,15 @@ def test_api_keys_come_from_the_named_variable_and_a_missing_one_is_a_clear_erro
     config = load_config(ROOT / "deploy/cluster.yaml")
     assert api_keys(config, {"TANDEM_API_KEYS": " k1, k2 ,"}) == ["k1", "k2"]
     assert api_keys(TandemConfig(), {}) == []  # none named: no key needed
+    assert api_keys(TandemConfig(), {"TANDEM_API_KEYS": "k9"}) == ["k9"]  # unless the default
     with pytest.raises(ConfigError, match="environment variable TANDEM_API_KEYS is not set"):
         api_keys(config, {})
     with pytest.raises(ConfigError, match="TANDEM_API_KEYS holds no key"):
         api_keys(config, {"TANDEM_API_KEYS": " , "})
-    options = serve_options(config, {"TANDEM_API_KEYS": "k1"})
+    options = serve_options(config, {"TANDEM_API_KEYS": "k1", "TANDEM_REDIS_PASSWORD": "pw"})
     assert options["api_keys"] == ["k1"] and options["max_body_bytes"] == 8 << 20
+    store = options["membership"].registry.store
+    assert type(store).__name__ == "RedisStore" and options["membership"].ttl_s == 5.0
     assert type(options["policy"]).__name__ == "LeastLoadedPolicy" and options["grpc_tls"] is None
 
 
