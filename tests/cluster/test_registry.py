@@ -24,6 +24,7 @@ from cluster.registry import (
     RegistryChange,
 )
 from cluster.store import MemoryStore, RedisStore, StoreUnavailable
+from tests.cluster.conftest import FakeClock
 from tests.cluster.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -32,19 +33,6 @@ CAPS = Capabilities(model_hash="sha256:abc", dtype="bfloat16", block_size=16)
 TTL_S = 3.0
 TIMEOUT_S = 0.5
 MAX_CALL_S = 3 * TIMEOUT_S  # the slack is for a loaded machine
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from cluster.store import MemoryStore, RedisStore, StateStore, StoreUnavailable, make_store
+from tests.cluster.conftest import FakeClock
 from tests.cluster.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -25,19 +26,6 @@ SHARED_REDIS = "redis://127.0.0.1:6379/0"
 TIMEOUT_S = 0.5
 # Fault calls must end within the timeout; the slack is for a loaded machine.
 MAX_CALL_S = 3 * TIMEOUT_S
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
