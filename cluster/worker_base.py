@@ -191,13 +191,13 @@ def link_stats(links: Any) -> list[dict[str, Any]]:
     ]
 
 
-def delta_message(output: Any, first_index: int | None = None) -> pb.TokenDelta:
+def delta_message(output: Any) -> pb.TokenDelta:
     """A TokenDelta from an engine RequestOutput: this step's tokens, text and logprobs."""
     num_new = len(output.new_token_ids)
     logprobs = output.logprobs[-num_new:] if output.logprobs and num_new else []
     return pb.TokenDelta(
         request_id=output.request_id,
-        index=len(output.token_ids) - num_new if first_index is None else first_index,
+        index=len(output.token_ids) - num_new,
         token_ids=output.new_token_ids,
         text=output.new_text,
         finished=output.finished,

@@ -132,6 +132,7 @@ class DecodeService(WorkerServicer):
                 list(request.prompt_token_ids),
                 params,
                 request_id=request.request_id,
+                output_token_ids=list(request.output_token_ids),
             )
         except InvalidRequestError as exc:
             self._forget(request.request_id)
@@ -140,13 +141,16 @@ class DecodeService(WorkerServicer):
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         reason = request.reason or "the sender aborted it"
-        found = self.loop.call(self._abort, request.request_id, reason)
+        found = self.loop.call(self._abort, request.request_id, reason, request.only_reserved)
         return pb.AbortReply(found=found)
 
-    def _abort(self, request_id: str, reason: str) -> bool:
+    def _abort(self, request_id: str, reason: str, only_reserved: bool = False) -> bool:
         found = request_id in self.engine.requests
         with self._lock:
-            if self._leases.pop(request_id, None) is not None and found:  # not committed
+            reserved = request_id in self._leases  # not committed yet
+            if only_reserved and not reserved:
+                return False
+            if self._leases.pop(request_id, None) is not None and found:
                 self._failed[request_id] = reason
         self.engine.abort_request(request_id)
         return found

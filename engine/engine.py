@@ -108,15 +108,28 @@ class LLMEngine(KVTransferMixin):
         params: SamplingParams,
         request_id: str | None = None,
         hold_after_prefill: bool = False,
+        output_token_ids: Sequence[int] = (),
     ) -> str:
         """Queues a request; returns its id (`request_id`, or a new one).
 
         With `hold_after_prefill` (a prefill instance), the request stops after its
         first token unless that token finished it: it is HELD, its blocks kept for
         `read_kv` until `release`.
+
+        `output_token_ids` resumes a request whose instance died: the tokens it had
+        generated (and streamed) are recomputed with the prompt, like a preempted
+        request's, and generation goes on from the next position; its text, stop
+        strings, penalties and seeded draws are as if it had never stopped.
         """
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         request = self._new_request(prompt_ids, params, request_id)
+        if output_token_ids:
+            try:
+                self._check_resumed(request, list(output_token_ids))
+            except InvalidRequestError:
+                self._drop(request)
+                raise
+            self._append_generated(request, list(output_token_ids))
         request.hold_after_prefill = hold_after_prefill
         self.scheduler.add(request)
         return request.request_id
@@ -169,6 +182,27 @@ class LLMEngine(KVTransferMixin):
                 f"prompt plus max_tokens needs {needed} KV blocks, the cache has "
                 f"{self.kv.pool.num_blocks}; lower max_tokens or enlarge the KV cache"
             )
+
+    def _check_resumed(self, request: Request, output_ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        bad = [t for t in output_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"output token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+            )
+        if len(output_ids) >= request.params.max_tokens:
+            raise InvalidRequestError(
+                f"{len(output_ids)} tokens were generated already, and max_tokens is "
+                f"{request.params.max_tokens}: nothing is left to generate"
+            )
+
+    def _append_generated(self, request: Request, output_ids: list[int]) -> None:
+        """Tokens generated elsewhere join the request; their text counts as emitted."""
+        detokenizer = self._detokenizers[request.request_id]
+        for token_id in output_ids:
+            request.append_token(token_id)
+            detokenizer.add(token_id)
+        detokenizer.emittable(False)  # the instance that generated them streamed it
 
     def abort_request(self, request_id: str) -> None:
         """Ends a request in any state; its blocks are freed at once. Unknown ids are ignored."""

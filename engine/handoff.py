@@ -59,6 +59,8 @@ class KVTransferMixin:
 
         def _drop(self, request: Request) -> None: ...
 
+        def _append_generated(self, request: Request, output_ids: list[int]) -> None: ...
+
         def abort_request(self, request_id: str) -> None: ...
 
     def _layout(self, num_tokens: int, block_ids: list[int], checksum: int) -> KVBlockMeta:
@@ -249,11 +251,7 @@ class KVTransferMixin:
                 f"{num_kv_tokens} tokens need more than the "
                 f"{len(request.block_ids)} blocks reserved"
             )
-        detokenizer = self._detokenizers[request_id]
-        for token_id in output_token_ids:
-            request.append_token(token_id)
-            detokenizer.add(token_id)
-        detokenizer.emittable(False)  # what the sender streamed already
+        self._append_generated(request, output_token_ids)
         self.scheduler.commit(request, num_kv_tokens)
         self.kv.cache_computed_blocks(request)
 

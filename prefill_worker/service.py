@@ -103,7 +103,7 @@ class PrefillService(WorkerServicer):
             request_id=request_id,
             prompt_token_ids=request.prompt_token_ids,
             params=request.params,
-            num_kv_tokens=len(request.prompt_token_ids),
+            num_kv_tokens=len(request.prompt_token_ids) + len(request.output_token_ids),
             layout=layout_message(self.engine.layout().to_dict()),
             sender=self.peer,
             link_id=link.link_id,
@@ -115,7 +115,13 @@ class PrefillService(WorkerServicer):
             self._handoffs[request_id] = handoff
         context.add_callback(lambda: self._cancel(handoff, "the router went away"))
         try:
-            self.loop.call(self._admit, handoff, list(request.prompt_token_ids), params)
+            self.loop.call(
+                self._admit,
+                handoff,
+                list(request.prompt_token_ids),
+                params,
+                list(request.output_token_ids),
+            )
         except InvalidRequestError as exc:
             self._end(handoff, abort_peer=True)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -127,13 +133,19 @@ class PrefillService(WorkerServicer):
             if event.first_token.finished:
                 return
 
-    def _admit(self, handoff: Handoff, prompt: list[int], params: SamplingParams) -> None:
+    def _admit(
+        self, handoff: Handoff, prompt: list[int], params: SamplingParams, outputs: list[int]
+    ) -> None:
         """Queues the prompt (loop thread). If it will run in the next step, D is asked
         for room now, so the reservation is not on the first token's path; behind a
         longer queue it waits for the first chunk, so queued prompts hold no blocks on D."""
         queued = self.engine.num_queued_prefill_tokens()
         self.engine.add_request(
-            prompt, params, request_id=handoff.request_id, hold_after_prefill=True
+            prompt,
+            params,
+            request_id=handoff.request_id,
+            hold_after_prefill=True,
+            output_token_ids=outputs,
         )
         if queued < self.engine.config.max_num_batched_tokens:
             handoff.reserve_queued = True
@@ -164,11 +176,11 @@ class PrefillService(WorkerServicer):
             if output.finished:
                 # Finished by its first token (EOS, a stop, max_tokens=1) or aborted:
                 # nothing to hand over, and D's reservation is no longer needed.
-                handoff.events.put(pb.PrefillEvent(first_token=delta_message(output, 0)))
+                handoff.events.put(pb.PrefillEvent(first_token=delta_message(output)))
                 self._end(handoff, abort_peer=True)
                 continue
             handoff.first_token_time = time.perf_counter()
-            handoff.events.put(pb.PrefillEvent(first_token=delta_message(output, 0)))
+            handoff.events.put(pb.PrefillEvent(first_token=delta_message(output)))
             self._queue_blocks(handoff, final=True)
             num_kv_tokens = len(output.prompt_token_ids) + len(output.token_ids) - 1
             self.sender.queue_commit(handoff, list(output.token_ids), num_kv_tokens)

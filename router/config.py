@@ -21,6 +21,9 @@ class RouterConfig:
     max_in_flight: int = 1024  # requests on the workers
     max_waiting_prompt_tokens: int = 65536  # prompt tokens not yet answered by a first token
     migration_timeout_s: float = 120.0  # one live migration, all its stages
+    # A request whose worker died (its token stream broke, or it stopped answering) is
+    # resumed on another instance this many times at most before it fails.
+    max_retries: int = 2
     # The migration scheduler (cluster.migration_policy): "off" or "balance", run every
     # migration_interval_s on the decode instances' loads.
     migration_policy: str = "off"

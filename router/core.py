@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Sequence
 from typing import Any
 
 from proto.tandem.internal.v1 import worker_pb2
@@ -75,6 +75,7 @@ class Router:
         self._tokenizer: RouterTokenizer | None = None
         self._started = False
         self._draining = False
+        self._closing = False
         self._admission = Admission(
             self.config.max_in_flight, self.config.max_waiting_prompt_tokens
         )
@@ -129,6 +130,7 @@ class Router:
             raise
 
     async def close(self) -> None:
+        self._closing = True
         # Let the aborts already on their way reach the workers; stop everything else.
         if self._aborts:
             await asyncio.wait(self._aborts, timeout=self.config.rpc_timeout_s)
@@ -231,7 +233,15 @@ class Router:
         )
         if route.prefill_id is not None:
             self.loads.on_dispatch(route.decode_id, request_id, len(prompt_token_ids), now)
-        request = InFlight(request_id, route, RequestStream(request_id), len(prompt_token_ids))
+        generate = worker_pb2.GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            router_id=self.config.router_id,
+        )
+        request = InFlight(
+            request_id, route, RequestStream(request_id), len(prompt_token_ids), generate
+        )
         self._in_flight[request.request_id] = request
         for instance_id in route.instance_ids:
             self._routed[instance_id] = self._routed.get(instance_id, 0) + 1
@@ -242,15 +252,11 @@ class Router:
             await dispatch(
                 request,
                 self._instances,
-                worker_pb2.GenerateRequest(
-                    request_id=request_id,
-                    prompt_token_ids=prompt_token_ids,
-                    params=params,
-                    router_id=self.config.router_id,
-                ),
+                generate,
                 self.config.rpc_timeout_s,
                 self._spawn,
                 self._on_handoff,
+                self._on_worker_failed,
             )
             tracked.dispatched()
             while True:
@@ -282,11 +288,13 @@ class Router:
 
     def _answered(self, request: InFlight) -> None:
         """Its first token came (or it ended): its prompt no longer waits."""
-        if request.waiting:
-            request.waiting = False
+        if request.prompt_pending:
+            request.prompt_pending = False
             self.loads.on_finish(
                 request.route.prefill_id or request.route.decode_id, request.request_id
             )
+        if request.waiting:
+            request.waiting = False
             self._admission.answered(request.num_prompt_tokens)
 
     def abort(self, request_id: str) -> bool:
@@ -330,7 +338,7 @@ class Router:
 
     # -- one request -------------------------------------------------------------------
 
-    def _choose_route(self, request: RouteRequest) -> Route:
+    def _choose_route(self, request: RouteRequest, avoid: str | None = None) -> Route:
         now = time.monotonic()
         candidates = [
             Candidate(
@@ -341,7 +349,7 @@ class Router:
                 self.loads.step_model(i.instance_id),
             )
             for i in self._instances.values()
-            if i.healthy and not i.draining
+            if i.healthy and not i.draining and i.instance_id != avoid
         ]
         return self._policy.choose(request, candidates)
 
@@ -360,11 +368,14 @@ class Router:
         if request.prefill_task is not None:
             request.prefill_task.cancel()
         holders = [*request.route.instance_ids, *filter(None, [request.migrating_to])]
+        self._abort_on(holders, request.worker_id, "the client went away, or the request failed")
+
+    def _abort_on(self, instance_ids: Iterable[str], request_id: str, reason: str) -> None:
         abort = self._spawn(
             abort_on(
-                [self._instances[i] for i in holders],
-                request.request_id,
-                "the client went away, or the request failed",
+                [self._instances[i] for i in instance_ids],
+                request_id,
+                reason,
                 self.config.rpc_timeout_s,
             )
         )
@@ -376,19 +387,119 @@ class Router:
     def _on_delta(self, instance: Instance, delta: worker_pb2.TokenDelta) -> None:
         request = self._in_flight.get(delta.request_id)
         if request is None:
-            return  # it ended here already (aborted, failed)
+            base, resumed, _ = delta.request_id.rpartition("@")
+            request = self._in_flight.get(base) if resumed else None
+            if request is None:
+                return  # it ended here already (aborted, failed)
+        if request.attempt and delta.request_id != request.worker_id:
+            return  # from an attempt given up on
         if instance.instance_id == request.route.decode_id or self.migrations.accepts(
             request, instance.instance_id, delta
         ):
             request.stream.push(delta)
 
     def _on_stream_broken(self, instance: Instance, reason: str) -> None:
-        for request in self._in_flight.values():
+        message = f"lost the token stream of {instance} ({reason})"
+        for request in list(self._in_flight.values()):
             if request.route.decode_id == instance.instance_id:
-                request.stream.fail(
-                    f"lost the token stream of {instance} ({reason}); the request was "
-                    "aborted, retry it"
-                )
+                self._on_worker_failed(request, request.attempt, instance.instance_id, message)
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def _on_worker_failed(
+        self,
+        request: InFlight,
+        attempt: int,
+        instance_id: str,
+        message: str,
+        gone: bool = True,
+    ) -> None:
+        """A worker of the request failed it. If the worker is `gone` (it died, or
+        cannot be reached) the request is resumed on other instances, up to max_retries
+        times; otherwise, or past that, its stream ends with the error. News of an
+        attempt the router has already moved on from is ignored."""
+        if gone:
+            self._instances[instance_id].unreachable = True
+        if request.stream.closed or attempt != request.attempt:
+            return
+        if not gone or request.attempt >= self.config.max_retries or self._closing:
+            tried = f" (resumed {request.attempt} times)" if request.attempt else ""
+            request.stream.fail(f"{message}{tried}; the request was aborted, retry it")
+            return
+        generated = list(request.stream.token_ids)
+        assert request.generate is not None
+        try:
+            route = self._choose_route(
+                RouteRequest([*request.generate.prompt_token_ids, *generated]), avoid=instance_id
+            )
+        except RouterError as e:
+            request.stream.fail(f"{message}; no other instance can take the request over ({e})")
+            return
+        old_worker_id = request.worker_id
+        request.attempt += 1  # from here on, news of the old attempt is stale
+        self._spawn(self._resume(request, route, generated, old_worker_id, instance_id, message))
+
+    async def _resume(
+        self,
+        request: InFlight,
+        route: Route,
+        generated: list[int],
+        old_worker_id: str,
+        failed_id: str,
+        message: str,
+    ) -> None:
+        """Sends the request again on `route`, its prompt plus the tokens `generated`
+        so far; the stream goes on from the next position."""
+        assert request.generate is not None
+        role = self._instances[failed_id].role.value
+        logger.warning(
+            "resuming %s after %d tokens on %s: %s",
+            request.request_id,
+            len(generated),
+            route,
+            message,
+        )
+        self.metrics.retried(f"{role}_lost")
+        old = request.route
+        if request.prefill_task is not None:
+            request.prefill_task.cancel()
+        leftovers = {*old.instance_ids, *filter(None, [request.migrating_to])} - {failed_id}
+        self._abort_on(leftovers, old_worker_id, f"resumed elsewhere: {message}")
+        self._reroute(request, route, len(generated))
+        request.stream.restart()
+        generate = worker_pb2.GenerateRequest()
+        generate.CopyFrom(request.generate)
+        generate.request_id = request.worker_id
+        generate.output_token_ids.extend(generated)
+        await dispatch(
+            request,
+            self._instances,
+            generate,
+            self.config.rpc_timeout_s,
+            self._spawn,
+            self._on_handoff,
+            self._on_worker_failed,
+        )
+
+    def _reroute(self, request: InFlight, route: Route, num_generated: int) -> None:
+        """Moves the request's bookkeeping (routed counts, queued prompts) to `route`."""
+        for instance_id in request.route.instance_ids:
+            self._routed[instance_id] -= 1
+            self.loads.on_finish(instance_id, request.request_id)
+        for instance_id in route.instance_ids:
+            self._routed[instance_id] = self._routed.get(instance_id, 0) + 1
+            self.loads.on_dispatch(
+                instance_id,
+                request.request_id,
+                request.num_prompt_tokens + num_generated,
+                time.monotonic(),
+            )
+        request.route = route
+        request.prompt_pending = True
+        request.handoff = None
+        request.prefill_task = None
+        request.migrating_to = None
+        request.moved_from.clear()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)

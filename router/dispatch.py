@@ -2,13 +2,16 @@
 
     colocated       Generate on the instance; every token comes on its Subscribe stream
     disaggregated   Prefill on the prefill instance, naming the decode instance:
-                      first_token  ─▶ the request's stream (index 0)
+                      first_token  ─▶ the request's stream
                       handoff      ─▶ on_handoff (the KV bytes and seconds)
-                      failure      ─▶ an error on the request's stream
+                      failure      ─▶ on_failure
     abort           Abort on every instance that may hold the request
 
 A worker that cannot be reached, or a prefill stream that ends without a handoff,
-fails the request's stream with the reason.
+is reported to on_failure(request, attempt, instance id, message, retryable):
+retryable when the instance named is gone (UNAVAILABLE), so that the router may
+resume the request elsewhere (Router._resume). `attempt` tells a report of an
+attempt the router has already given up on from one of the current attempt.
 """
 
 from __future__ import annotations
@@ -30,17 +33,34 @@ from router.streams import RequestStream
 logger = logging.getLogger(__name__)
 
 
+# What a worker reports when it is gone: the request may be resumed on another one.
+_GONE = ("UNAVAILABLE",)
+
+
 @dataclass
 class InFlight:
     request_id: str
     route: Route
     stream: RequestStream
     num_prompt_tokens: int
+    generate: worker_pb2.GenerateRequest | None = None  # as first sent: prompt, params
+    attempt: int = 0  # how many times it was resumed after a worker died
     waiting: bool = True  # no token yet: its prompt counts against the admission bound
+    prompt_pending: bool = True  # its route's first instance has its prompt queued
+
+    @property
+    def worker_id(self) -> str:
+        """The id its workers know it by: a resumed request gets a fresh one, so that
+        what is left of an attempt given up on cannot be taken for the current one."""
+        return self.request_id if not self.attempt else f"{self.request_id}@{self.attempt}"
+
     prefill_task: asyncio.Task[None] | None = None
     handoff: HandoffRecord | None = None
     migrating_to: str | None = None  # a decode instance it is being migrated to
     moved_from: set[str] = field(default_factory=set)  # decode instances it left
+
+
+OnFailure = Callable[[InFlight, int, str, str, bool], None]
 
 
 async def dispatch(
@@ -50,12 +70,13 @@ async def dispatch(
     timeout_s: float,
     spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
     on_handoff: Callable[[HandoffRecord], None],
+    on_failure: OnFailure,
 ) -> None:
     """Sends the request to its route: Generate on a colocated instance (answered once it
     is queued there), or a Prefill stream naming the decode instance, run by a task."""
     decode = instances[request.route.decode_id]
     if request.route.prefill_id is None:
-        await generate_colocated(request, decode, generate, timeout_s)
+        await generate_colocated(request, decode, generate, timeout_s, on_failure)
         return
     prefill = instances[request.route.prefill_id]
     prefill_request = worker_pb2.PrefillRequest(
@@ -64,8 +85,11 @@ async def dispatch(
         params=generate.params,
         decode=decode.peer(),
         router_id=generate.router_id,
+        output_token_ids=generate.output_token_ids,
     )
-    request.prefill_task = spawn(run_prefill(request, prefill, decode, prefill_request, on_handoff))
+    request.prefill_task = spawn(
+        run_prefill(request, prefill, decode, prefill_request, on_handoff, on_failure)
+    )
 
 
 async def generate_colocated(
@@ -73,11 +97,14 @@ async def generate_colocated(
     instance: Instance,
     generate_request: worker_pb2.GenerateRequest,
     timeout_s: float,
+    on_failure: OnFailure,
 ) -> None:
+    attempt = request.attempt
     try:
         await instance.stub.Generate(generate_request, timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
-        request.stream.fail(f"{instance} did not take the request ({rpc_reason(e)})")
+        message = f"{instance} did not take the request ({rpc_reason(e)})"
+        on_failure(request, attempt, instance.instance_id, message, e.code().name in _GONE)
 
 
 async def run_prefill(
@@ -86,7 +113,9 @@ async def run_prefill(
     decode: Instance,
     prefill_request: worker_pb2.PrefillRequest,
     on_handoff: Callable[[HandoffRecord], None],
+    on_failure: OnFailure,
 ) -> None:
+    attempt = request.attempt
     call = prefill.stub.Prefill(prefill_request)
     try:
         async for event in call:
@@ -103,16 +132,23 @@ async def run_prefill(
                 )
                 on_handoff(request.handoff)
             elif kind == "failure":
-                request.stream.fail(
+                message = (
                     f"{prefill} could not hand the request to {decode} "
                     f"({event.failure.code}: {event.failure.message})"
                 )
+                # A handoff fails UNAVAILABLE when the decode instance is gone.
+                gone = event.failure.code in _GONE
+                on_failure(request, attempt, decode.instance_id, message, gone)
+                return
     except grpc.aio.AioRpcError as e:
-        request.stream.fail(f"{prefill} failed the prefill ({rpc_reason(e)})")
+        message = f"{prefill} failed the prefill ({rpc_reason(e)})"
+        on_failure(request, attempt, prefill.instance_id, message, e.code().name in _GONE)
+        return
     finally:
         call.cancel()
-    if request.handoff is None:  # a no-op when the stream is already closed
-        request.stream.fail(f"{prefill} ended the prefill without handing the request off")
+    if request.handoff is None and not request.stream.closed:
+        message = f"{prefill} ended the prefill without handing the request off"
+        on_failure(request, attempt, prefill.instance_id, message, False)
 
 
 async def abort_on(

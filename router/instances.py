@@ -39,6 +39,8 @@ class Instance:
     stream_open: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False  # takes no new requests; its requests are migrated away
     expired: bool = False  # missed its heartbeats (router.membership): out of routing
+    # A call found it gone (UNAVAILABLE): out of routing until it answers a Status poll.
+    unreachable: bool = False
 
     # Read for every candidate of every request's route: made once (info never changes).
     @functools.cached_property
@@ -55,7 +57,11 @@ class Instance:
 
     @property
     def healthy(self) -> bool:
-        return (self.stream_open.is_set() or not self.streams_tokens) and not self.expired
+        return (
+            (self.stream_open.is_set() or not self.streams_tokens)
+            and not self.expired
+            and not self.unreachable
+        )
 
     def peer(self) -> worker_pb2.Peer:
         return worker_pb2.Peer(instance_id=self.instance_id, address=self.address)

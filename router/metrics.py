@@ -46,6 +46,7 @@ the order of its calls; this module holds the registry and the other families.
 | tandem:request_success_total | counter | finished_reason | stop, length, abort |
 | tandem:requests_failed_total | counter | | finished with finish_reason "error" |
 | tandem:requests_rejected_total | counter | reason | refused: see REJECT_REASONS |
+| tandem:requests_retried_total | counter | reason | resumed elsewhere: RETRY_REASONS |
 | tandem:kv_transfer_bytes_total | counter | | KV bytes handed prefill → decode |
 | tandem:kv_transfer_seconds_total | counter | | time spent on those handoffs |
 | tandem:kv_handoff_duration_seconds | histogram | | one handoff's seconds |
@@ -94,6 +95,7 @@ if TYPE_CHECKING:
     from router.migration import MigrationOutcome
 
 # fmt: off
+RETRY_REASONS = ("decode_lost", "prefill_lost", "colocated_lost")  # the lost instance's role
 HANDOFF_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
@@ -179,6 +181,11 @@ class RouterMetrics:
         if slo_class is not None:
             now = self._clock() if now is None else now
             self._slo_windows.record(slo_class, now, ttft=None, tpot=None)
+
+    def retried(self, reason: str) -> None:
+        """A request was resumed on other instances after its worker was lost (reason:
+        one of RETRY_REASONS)."""
+        self._retried.labels(reason).inc()
 
     def attainment(self, slo_class: str, now: float | None = None) -> Attainment:
         """The SLO class's attainment over its window, as the gauges would show it now.
@@ -335,6 +342,14 @@ class RouterMetrics:
         )
 
     def _init_router_metrics(self) -> None:
+        self._retried = Counter(
+            "tandem:requests_retried",
+            "Requests resumed on other instances after a worker was lost.",
+            ["reason"],
+            registry=self._inner,
+        )
+        for reason in RETRY_REASONS:
+            self._retried.labels(reason)
         self._router_in_flight = Gauge(
             "tandem:router_num_requests_in_flight",
             "Requests the router is serving.",

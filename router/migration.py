@@ -136,10 +136,11 @@ class Migrations:
             raise InvalidRequestError(f"request {request_id!r} is moving already")
         destination = self._destination(source, destination_id)
         request.migrating_to = destination.instance_id
+        attempt = request.attempt
         try:
             reply = await source.stub.Migrate(
                 worker_pb2.MigrateRequest(
-                    request_id=request_id, destination=destination.peer(), blocking=blocking
+                    request_id=request.worker_id, destination=destination.peer(), blocking=blocking
                 ),
                 timeout=self._timeout_s,
             )
@@ -147,11 +148,17 @@ class Migrations:
             reply = worker_pb2.MigrateReply(
                 abort_reason="source_failed", detail=f"{source}: {e.code().name}: {e.details()}"
             )
+            # The source may be dead: it cannot undo the reservation it made at the
+            # destination, so the router does (unless it was committed there).
+            await self._abort_reserved(destination, request.worker_id, reply.detail)
         finally:
-            request.migrating_to = None
+            if request.attempt == attempt:
+                request.migrating_to = None
             ended = time.monotonic()
             self._settled_at[source.instance_id] = self._settled_at[destination.instance_id] = ended
-        if reply.committed:
+        if request.attempt != attempt:
+            pass  # resumed elsewhere meanwhile (its source died): the route is new
+        elif reply.committed:
             self._move(request, destination.instance_id)
         elif request.route.decode_id == destination.instance_id:  # undone at the destination
             self._move(request, source.instance_id)
@@ -170,6 +177,24 @@ class Migrations:
         )
         self._on_outcome(outcome)
         return outcome
+
+    async def _abort_reserved(self, destination: Instance, request_id: str, why: str) -> None:
+        try:
+            await destination.stub.Abort(
+                worker_pb2.AbortRequest(
+                    request_id=request_id,
+                    reason=f"its migration failed at the source ({why})",
+                    only_reserved=True,
+                ),
+                timeout=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as e:
+            logger.warning(
+                "could not undo the reservation of %s at %s: %s",
+                request_id,
+                destination,
+                e.code().name,
+            )
 
     def _destination(self, source: Instance, destination_id: str | None) -> Instance:
         if destination_id is not None:

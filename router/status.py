@@ -152,6 +152,7 @@ def instances_summary(
                 "address": instance.address,
                 "healthy": instance.healthy,
                 "expired": instance.expired,
+                "unreachable": instance.unreachable,
                 "draining": instance.draining,
                 "num_requests": routed.get(instance.instance_id, 0),
                 "load": None if load is None else asdict(load),
@@ -185,6 +186,9 @@ async def poll_loads(
         answers = await asyncio.gather(
             *(poll_status(i, request, config.rpc_timeout_s, loads, metrics) for i in polled)
         )
+        for instance, answer in zip(polled, answers, strict=True):
+            if answer is not None:
+                instance.unreachable = False
         await membership.after_poll(zip(polled, answers))
         metrics.set_router_queue(*router_queue())
         await asyncio.sleep(config.load_poll_interval_s)

@@ -35,6 +35,7 @@ class RequestStream:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._finished_by_worker = False
+        self.token_ids: list[int] = []  # the output tokens released, in order
 
     @property
     def closed(self) -> bool:
@@ -53,12 +54,19 @@ class RequestStream:
     def push(self, delta: worker_pb2.TokenDelta) -> None:
         if self._closed:
             return
+        if delta.request_id != self.request_id:  # a resumed request's workers know it
+            delta.request_id = self.request_id  # by another id (InFlight.worker_id)
         if delta.index == self._next_index and not self._pending:
             self._release(delta)  # the common case: in order, nothing held back
             return
         self._num_pushed += 1
         heapq.heappush(self._pending, (delta.index, self._num_pushed, delta))
         self._release_in_order()
+
+    def restart(self) -> None:
+        """Drops the deltas held back: the request is resumed elsewhere from the tokens
+        released so far, and what its old workers sent beyond them is void."""
+        self._pending.clear()
 
     def fail(self, message: str) -> None:
         """End the stream now with an error delta (the router's, not a worker's)."""
@@ -109,6 +117,7 @@ class RequestStream:
 
     def _release(self, delta: worker_pb2.TokenDelta) -> None:
         self._next_index += len(delta.token_ids)
+        self.token_ids.extend(delta.token_ids)
         self._put_ready(delta)
         if delta.finished:
             self._finished_by_worker = True

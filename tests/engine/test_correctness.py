@@ -69,3 +69,40 @@ def test_matches_when_preemption_is_forced(model_path, prompts, reference_output
     assert preemptions > 0, "the small pool never forced a preemption"
     assert [finished[i].token_ids for i in ids] == reference_outputs
     assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_a_request_resumed_from_its_generated_tokens_goes_on_as_if_never_stopped(
+    model_path, prompts, reference_outputs
+):
+    """What a router sends when a decode instance died: the prompt and the tokens it
+    had streamed. Greedy and seeded output, and the text after the resumed tokens,
+    match one uninterrupted run."""
+    from engine.errors import InvalidRequestError
+
+    llm = LLM(str(model_path), dtype="float32", max_num_batched_tokens=256)
+    engine = llm.engine
+    chosen = [0, 5, 11]
+    seeded = SamplingParams(max_tokens=NUM_REFERENCE_TOKENS, temperature=0.9, seed=7)
+    whole = llm.generate([prompts[i] for i in chosen], seeded)
+    runs = {}
+    for i, full in zip(chosen, whole, strict=True):
+        for params, tokens in ((GREEDY, reference_outputs[i]), (seeded, full.token_ids)):
+            for done in (1, 13):
+                rid = engine.add_request(prompts[i], params, output_token_ids=tokens[:done])
+                runs[rid] = (tokens, done, full.text if params is seeded else None)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            finished[out.request_id] = out
+    for rid, (tokens, done, text) in runs.items():
+        out = finished[rid]
+        assert out.token_ids == tokens, f"resumed after {done} tokens, it diverged"
+        if text is not None:
+            assert out.text == text
+    with pytest.raises(InvalidRequestError, match="nothing is left to generate"):
+        engine.add_request(prompts[0], GREEDY, output_token_ids=reference_outputs[0])
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        engine.add_request(prompts[0], GREEDY, output_token_ids=[-1])
+    assert not engine.requests
+    engine.check_invariants()
+    assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks

@@ -82,6 +82,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         self.knobs = Knobs()
         self.aborted: list[str] = []
         self.prompts: list[list[int]] = []
+        self.resumed: list[list[int]] = []  # each call's output_token_ids
         self.invariants_checked = 0
         self._registry = registry
         self._subscribers: dict[str, asyncio.Queue[worker_pb2.StepBatch | None]] = {}
@@ -128,9 +129,11 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
 
     async def Prefill(self, request, context):
         self.prompts.append(list(request.prompt_token_ids))
+        self.resumed.append(list(request.output_token_ids))
         await asyncio.sleep(self.knobs.first_token_s)
         ids, reason = echo(list(request.prompt_token_ids), request.params.max_tokens)
-        first = _delta(request.request_id, 0, ids, reason)
+        done = len(request.output_token_ids)  # a resumed request goes on from there
+        first = _delta(request.request_id, done, ids, reason)
         decode = self._registry[request.decode.address]
         if self.knobs.fail_handoff:
             yield worker_pb2.PrefillEvent(first_token=first)
@@ -138,7 +141,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             yield worker_pb2.PrefillEvent(failure=failure)
             return
         if not first.finished:
-            decode.start(request.request_id, request.router_id, ids, reason, start=1)
+            decode.start(request.request_id, request.router_id, ids, reason, start=done + 1)
             if self.knobs.decode_first:
                 await decode._running[request.request_id]
         yield worker_pb2.PrefillEvent(first_token=first)
@@ -147,8 +150,10 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
 
     async def Generate(self, request, context):
         self.prompts.append(list(request.prompt_token_ids))
+        self.resumed.append(list(request.output_token_ids))
         ids, reason = echo(list(request.prompt_token_ids), request.params.max_tokens)
-        self.start(request.request_id, request.router_id, ids, reason, start=0)
+        start = len(request.output_token_ids)
+        self.start(request.request_id, request.router_id, ids, reason, start=start)
         return worker_pb2.GenerateReply()
 
     async def Abort(self, request, context):

@@ -113,6 +113,68 @@ async def test_a_broken_token_stream_fails_its_requests_then_reconnects() -> Non
         assert tokens(await run(router, PROMPT)) == PROMPT
 
 
+def retried(router: Router, reason: str) -> float:
+    text = router.metrics.render()[0].decode()
+    line = next(x for x in text.splitlines() if x.startswith("tandem:requests_retried_total{"))
+    lines = [x for x in text.splitlines() if f'reason="{reason}"' in x and "retried_total" in x]
+    assert line and len(lines) == 1, lines
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
+async def test_a_lost_decode_instance_s_requests_resume_on_another_from_their_last_token() -> None:
+    async with (
+        fake_workers("prefill", "decode", "decode") as (p, d1, d2),
+        started_router([p, d1, d2]) as router,
+    ):
+        d1.knobs.step_s = d2.knobs.step_s = 0.05
+        async with contextlib.aclosing(router.generate(PROMPT, params())) as deltas:
+            got = [await anext(deltas), await anext(deltas), await anext(deltas)]
+            d1.break_streams()  # what the router sees when a decode worker dies
+            got += [x async for x in deltas]
+        assert [x.index for x in got] == list(range(len(PROMPT))), "a token lost or repeated"
+        assert tokens(got) == PROMPT and got[-1].finish_reason == "stop"
+        # Sent again, prompt plus the tokens streamed before the loss, to the other decode
+        # instance (the prefill instance recomputes them).
+        assert p.prompts == [PROMPT, PROMPT]
+        assert p.resumed[0] == [] and p.resumed[1] == PROMPT[: len(p.resumed[1])]
+        assert 3 <= len(p.resumed[1]) <= 4
+        assert retried(router, "decode_lost") == 1 and retried(router, "prefill_lost") == 0
+        await wait_until(lambda: router.num_in_flight == 0)
+
+
+async def test_a_dead_prefill_instance_s_requests_go_to_another() -> None:
+    async with (
+        fake_workers("prefill", "prefill", "decode") as (p1, p2, d),
+        started_router([p1, p2, d]) as router,
+    ):
+        await p1.server.stop(None)
+        results = [await run(router, PROMPT) for _ in range(4)]
+        assert all(tokens(r) == PROMPT and r[-1].finish_reason == "stop" for r in results)
+        assert len(p2.prompts) == 4 and all(r == [] for r in p2.resumed)
+        # The first found it dead and was resumed; the rest were routed around it.
+        assert retried(router, "prefill_lost") == 1
+        assert not router._instances["prefill-0"].healthy
+
+
+async def test_a_request_resumed_max_retries_times_then_fails_with_the_reason() -> None:
+    async with (
+        fake_workers("prefill", "decode", "decode") as (p, d1, d2),
+        started_router([p, d1, d2], max_retries=1) as router,
+    ):
+        d1.knobs.step_s = d2.knobs.step_s = 0.05
+        async with contextlib.aclosing(router.generate(PROMPT, params())) as deltas:
+            got = [await anext(deltas), await anext(deltas)]
+            d1.break_streams()
+            await wait_until(lambda: len(p.prompts) == 2)
+            await anext(deltas)
+            d2.break_streams()
+            got += [x async for x in deltas]
+        assert got[-1].finish_reason == "error"
+        assert "lost the token stream of decode instance 'decode-2'" in got[-1].error
+        assert "(resumed 1 times)" in got[-1].error
+        assert retried(router, "decode_lost") == 1
+
+
 async def test_no_healthy_decode_instance_is_a_no_instance_error() -> None:
     async with fake_workers("prefill", "decode") as (p, d), started_router([p, d]) as router:
         router._instances["decode-1"].stream_open.clear()
