@@ -135,6 +135,14 @@ class RouterLimits(_Model):
     rpc_timeout_s: float = Field(
         default=10.0, gt=0, description="seconds for each Generate, Abort and Status call"
     )
+    max_retries: int = Field(
+        default=2, ge=0, description="times a request whose worker died resumes elsewhere"
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM: seconds the requests in flight get to finish before exit",
+    )
 
 
 class RouterSection(_Model):

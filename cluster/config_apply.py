@@ -138,6 +138,8 @@ def router_config(config: TandemConfig) -> RouterConfig:
     return RouterConfig(
         connect_timeout_s=limits.connect_timeout_s,
         rpc_timeout_s=limits.rpc_timeout_s,
+        max_retries=limits.max_retries,
+        drain_timeout_s=limits.drain_timeout_s,
         max_in_flight=limits.max_in_flight,
         max_waiting_prompt_tokens=limits.max_waiting_prompt_tokens,
         migration_timeout_s=migration.timeout_s,

@@ -24,6 +24,9 @@ class RouterConfig:
     # A request whose worker died (its token stream broke, or it stopped answering) is
     # resumed on another instance this many times at most before it fails.
     max_retries: int = 2
+    # On SIGTERM (serve(handle_sigterm=True)): no new requests, /ready 503, and the
+    # requests in flight get this long to finish before the router shuts down.
+    drain_timeout_s: float = 30.0
     # The migration scheduler (cluster.migration_policy): "off" or "balance", run every
     # migration_interval_s on the decode instances' loads.
     migration_policy: str = "off"

@@ -199,6 +199,15 @@ class Router:
         """Take no new requests (NotReadyError); those in flight run to their end."""
         self._draining = True
 
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Until no request is in flight, or `timeout_s` has passed: False then."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def instances_summary(self) -> list[dict[str, Any]]:
         """Each worker as the admin API shows it."""
         return instances_summary(self._instances.values(), self._routed, self.loads)

@@ -136,11 +136,11 @@ class Migrations:
             raise InvalidRequestError(f"request {request_id!r} is moving already")
         destination = self._destination(source, destination_id)
         request.migrating_to = destination.instance_id
-        attempt = request.attempt
+        attempt, worker_id = request.attempt, request.worker_id  # it may be resumed meanwhile
         try:
             reply = await source.stub.Migrate(
                 worker_pb2.MigrateRequest(
-                    request_id=request.worker_id, destination=destination.peer(), blocking=blocking
+                    request_id=worker_id, destination=destination.peer(), blocking=blocking
                 ),
                 timeout=self._timeout_s,
             )
@@ -150,7 +150,7 @@ class Migrations:
             )
             # The source may be dead: it cannot undo the reservation it made at the
             # destination, so the router does (unless it was committed there).
-            await self._abort_reserved(destination, request.worker_id, reply.detail)
+            await self._abort_reserved(destination, worker_id, reply.detail)
         finally:
             if request.attempt == attempt:
                 request.migrating_to = None

@@ -1,12 +1,13 @@
 """One process serving the router: its HTTP and gRPC APIs in one asyncio loop.
 
     serve(): Router.start() ─▶ gRPC server up ─▶ HTTP server up ─▶ ready_event set
-             ... until cancelled ...
+             ... until cancelled, or SIGTERM (with handle_sigterm) ...
              draining (/ready 503, gRPC health NOT_SERVING, new requests 503)
+             [SIGTERM: the requests in flight finish, for up to drain_timeout_s]
              ─▶ HTTP server down ─▶ gRPC server down ─▶ Router.close()
 
-Shutting down gives requests in flight GRACE_S seconds; those still running then are
-cancelled, which aborts them on the workers. API keys, when given, guard both APIs
+Shutting down gives requests still in flight GRACE_S seconds more; those still running
+then are cancelled, which aborts them on the workers. API keys, when given, guard both APIs
 (HTTP: Authorization: Bearer; gRPC: the same in metadata); `grpc_tls` (certificate
 chain PEM, private key PEM) serves gRPC over TLS.
 """
@@ -29,7 +30,7 @@ from starlette.types import ASGIApp
 
 from router.config import RouterConfig
 from router.core import Router
-from router.grpc_api import start_grpc_server
+from router.grpc_api import TandemGrpcServer, start_grpc_server
 from router.http import DEFAULT_MAX_BODY_BYTES, create_app
 from router.membership import Membership
 from router.policy import POLICIES, RoutingPolicy, make_policy
@@ -52,23 +53,51 @@ async def serve(
     grpc_tls: tuple[bytes, bytes] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     membership: Membership | None = None,
+    handle_sigterm: bool = False,
 ) -> None:
-    """Serve until cancelled. `ready_event` is set once both APIs take requests.
-    `membership` holds the instance registry and its store (default: in memory)."""
+    """Serve until cancelled, or until SIGTERM has drained it (`handle_sigterm`, on the
+    main thread only). `ready_event` is set once both APIs take requests. `membership`
+    holds the instance registry and its store (default: in memory)."""
+    loop = asyncio.get_running_loop()
+    terminated = asyncio.Event()
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off Unix
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _log_tasks)
+        loop.add_signal_handler(signal.SIGUSR2, _log_tasks)
+        if handle_sigterm:
+            loop.add_signal_handler(signal.SIGTERM, terminated.set)
     async with Router(worker_addresses, policy, config, membership) as router:
         grpc_server = await start_grpc_server(
             router, host, grpc_port, api_keys=api_keys, tls=grpc_tls
         )
         logger.info("gRPC API on %s:%d%s", host, grpc_port, " (TLS)" if grpc_tls else "")
         app = create_app(router, api_keys=api_keys, max_body_bytes=max_body_bytes)
+        http = asyncio.ensure_future(_serve_http(app, host, http_port, ready_event))
+        signalled = asyncio.ensure_future(terminated.wait())
         try:
-            await _serve_http(app, host, http_port, ready_event)
+            await asyncio.wait({http, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            if terminated.is_set():
+                await _drain(router, grpc_server)
         finally:
+            signalled.cancel()
             router.drain()
             await grpc_server.set_serving(False)
+            http.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await http
             await grpc_server.stop(grace=GRACE_S)
+
+
+async def _drain(router: Router, grpc_server: TandemGrpcServer) -> None:
+    """SIGTERM: no new requests, not ready; the requests in flight run to their end."""
+    timeout_s = router.config.drain_timeout_s
+    logger.info(
+        "SIGTERM: draining %d requests in flight (up to %g s)", router.num_in_flight, timeout_s
+    )
+    router.drain()
+    await grpc_server.set_serving(False)
+    if await router.wait_idle(timeout_s):
+        logger.info("drained: every request in flight has finished")
+    else:
+        logger.warning("%d requests still in flight after %g s", router.num_in_flight, timeout_s)
 
 
 async def _serve_http(

@@ -184,7 +184,9 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"tandem serve: {error}", file=sys.stderr)
         return 2
     deployment = Deployment(options)
-    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: workers down, then exit
+    # Until the router serves, SIGTERM stops like Ctrl-C: workers down, then exit; once it
+    # serves, SIGTERM drains it first (router.server.serve).
+    signal.signal(signal.SIGTERM, _interrupt)
     # A shell starts background jobs (`tandem serve &`, nohup) with SIGINT ignored, and
     # Python keeps it so; then Ctrl-C or kill -INT would never stop the server.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -192,7 +194,17 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         addresses = deployment.start()
         router = config.router
-        asyncio.run(serve(addresses, router.host, router.http_port, router.grpc_port, **front_door))
+        asyncio.run(
+            serve(
+                addresses,
+                router.host,
+                router.http_port,
+                router.grpc_port,
+                handle_sigterm=True,  # drains first: see router.server
+                **front_door,
+            )
+        )
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already
     except KeyboardInterrupt:
         pass
     except Exception as error:

@@ -80,3 +80,14 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 def reference_outputs(hf_model, prompts) -> list[list[int]]:
     """transformers' greedy continuation of each prompt, 32 tokens (or up to EOS)."""
     return [hf_greedy(hf_model, p, NUM_REFERENCE_TOKENS) for p in prompts]
+
+
+@pytest.fixture(scope="session")
+def engine_pair(model_path: Path):
+    """Two float32 engines (chunk budget 256), a source and a destination, shared by the
+    migration tests: each leaves both with no request and every block free."""
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+
+    config = EngineConfig(model=str(model_path), dtype="float32", max_num_batched_tokens=256)
+    return LLMEngine(config), LLMEngine(config)

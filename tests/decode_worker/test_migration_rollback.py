@@ -17,7 +17,6 @@ import pytest
 
 from decode_worker.migration import Migration, MigrationLimits
 from decode_worker.service import DecodeService
-from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.kv.kv_cache import KVBlockMeta
 from engine.kv.link import LinkError, LinkManager, start_store
@@ -152,9 +151,8 @@ class Source(DecodeService):
 
 
 @pytest.fixture(scope="module")
-def engines(model_path):
-    config = EngineConfig(model=str(model_path), dtype="float32", max_num_batched_tokens=256)
-    return LLMEngine(config), LLMEngine(config)
+def engines(engine_pair):
+    return engine_pair
 
 
 @pytest.fixture(scope="module")

@@ -72,33 +72,37 @@ def test_matches_when_preemption_is_forced(model_path, prompts, reference_output
 
 
 def test_a_request_resumed_from_its_generated_tokens_goes_on_as_if_never_stopped(
-    model_path, prompts, reference_outputs
+    engine_pair, prompts, reference_outputs
 ):
     """What a router sends when a decode instance died: the prompt and the tokens it
     had streamed. Greedy and seeded output, and the text after the resumed tokens,
     match one uninterrupted run."""
     from engine.errors import InvalidRequestError
 
-    llm = LLM(str(model_path), dtype="float32", max_num_batched_tokens=256)
-    engine = llm.engine
-    chosen = [0, 5, 11]
+    engine, _ = engine_pair
     seeded = SamplingParams(max_tokens=NUM_REFERENCE_TOKENS, temperature=0.9, seed=7)
-    whole = llm.generate([prompts[i] for i in chosen], seeded)
+
+    def run(requests: dict[str, object]) -> dict[str, object]:
+        finished = {}
+        while len(finished) < len(requests):
+            finished.update((o.request_id, o) for o in engine.step() if o.finished)
+        return finished
+
+    chosen = [0, 11]
+    started = {engine.add_request(prompts[i], seeded): i for i in chosen}
+    whole_by_prompt = {started[rid]: out for rid, out in run(started).items()}
     runs = {}
-    for i, full in zip(chosen, whole, strict=True):
+    for i in chosen:
+        full = whole_by_prompt[i]
         for params, tokens in ((GREEDY, reference_outputs[i]), (seeded, full.token_ids)):
             for done in (1, 13):
                 rid = engine.add_request(prompts[i], params, output_token_ids=tokens[:done])
                 runs[rid] = (tokens, done, full.text if params is seeded else None)
-    finished = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            finished[out.request_id] = out
+    finished = run(runs)
     for rid, (tokens, done, text) in runs.items():
-        out = finished[rid]
-        assert out.token_ids == tokens, f"resumed after {done} tokens, it diverged"
+        assert finished[rid].token_ids == tokens, f"resumed after {done} tokens, it diverged"
         if text is not None:
-            assert out.text == text
+            assert finished[rid].text == text
     with pytest.raises(InvalidRequestError, match="nothing is left to generate"):
         engine.add_request(prompts[0], GREEDY, output_token_ids=reference_outputs[0])
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):

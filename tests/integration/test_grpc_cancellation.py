@@ -9,6 +9,9 @@ one cancelled call per phase:
     first token   cancelled on the first piece, while its KV goes to the decode worker
     mid-decode    after several pieces, on the decode worker
 
+Last, SIGTERM under load drains the server: it stops taking requests and reports not
+ready, lets the requests in flight finish, then exits cleanly.
+
 Each request asks for thousands of tokens with ignore_eos, so one the cancel did not
 reach would hold its blocks for minutes; the router's /status must instead show every
 block free, nothing in flight and the invariants holding within FREED_WITHIN_S.
@@ -17,6 +20,9 @@ block free, nothing in flight and the invariants holding within FREED_WITHIN_S.
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,9 +46,12 @@ Status = dict[str, Any]
 Call = Any  # a started unary-stream call: an iterator of pieces with cancel()
 
 
+PROCESSES: list[subprocess.Popen[str]] = []  # the tandem serve of this module
+
+
 @pytest.fixture(scope="module")
 def server():
-    with tandem_serve("--launcher", "local", "--dtype", "float32") as s:
+    with tandem_serve("--launcher", "local", "--dtype", "float32", processes=PROCESSES) as s:
         yield s
 
 
@@ -198,3 +207,28 @@ def test_serves_after_cancellations(server, stub):
     assert reply.finish_reason == "length"
     assert len(reply.token_ids) == 8
     assert_all_freed(url)
+
+
+def test_sigterm_drains_the_requests_in_flight_then_exits(server, stub):
+    """Runs last: it stops the module's server."""
+    url, _ = server
+    (process,) = PROCESSES
+    calls = [start(stub, random_prompt(60 + i, 200), 48) for i in range(3)]
+    pieces: list[list[tandem_pb2.GenerateStreamResponse]] = [[next(c)] for c in calls]
+    readers = [threading.Thread(target=lambda c=c, p=p: p.extend(c)) for c, p in zip(calls, pieces)]
+    for reader in readers:
+        reader.start()
+    process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/ready", timeout=5).status_code != 503:
+        assert time.monotonic() < deadline, "/ready still 200 after SIGTERM"
+        time.sleep(0.05)
+    refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert refused.status_code == 503 and "draining" in refused.text, refused.text
+    assert any(reader.is_alive() for reader in readers), "nothing was in flight to drain"
+    for reader in readers:
+        reader.join(120)
+    for got in pieces:  # each ran to its end: none was cut short by the shutdown
+        assert sum(len(p.token_ids) for p in got) == 48
+        assert got[-1].finish_reason == "length"
+    assert process.wait(60) == 0

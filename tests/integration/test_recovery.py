@@ -1,18 +1,22 @@
 """Workers killed with SIGKILL under load: their requests resume on the survivors.
 
-Two prefill and two decode workers (local processes, float32). Each fault is injected
-while every request is in flight, then:
+Two prefill and two decode workers (local processes, float32). A prefill worker dies
+with prompts queued and half prefilled on it; then a decode worker dies while it is
+being drained, mid-migration (the destination frozen after it reserved room, so the
+copy cannot have finished). After each fault:
 - every request ends with 200 and the same greedy tokens as a run without faults (a
   resumed request recomputes its prompt and the tokens it had streamed elsewhere, so
   the client's stream goes on without a token lost or repeated);
 - the router counted exactly the requests that were on the dead worker as retried, and
   none as failed, aborted or rejected;
-- the survivors hold no request and every block is free, invariants hold, and the router
-  is still ready.
+- the survivors hold no request and every block is free (the dead source's reservation
+  on the destination too, long before its lease), invariants hold, and the router is
+  still ready.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +33,7 @@ LONG_OUTPUT, SHORT_OUTPUT = 16, 64
 def counters(url: str) -> dict[str, float]:
     """The router's request counters, by series."""
     wanted = (
+        "tandem:migrations_total",
         "tandem:requests_retried_total",
         "tandem:request_success_total",
         "tandem:requests_failed_total",
@@ -65,9 +70,10 @@ def run_concurrently(
             "return_token_ids": True,
         }
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
-        results[i] = (
-            response.json()["choices"][0]["token_ids"] if response.status_code == 200 else response
-        )
+        if response.status_code == 200:
+            results[i] = response.json()["choices"][0]["token_ids"]
+        else:
+            results[i] = f"{response.status_code}: {response.text}"
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
@@ -103,13 +109,14 @@ def deployment():
         deployment.stop()
 
 
-def test_workers_killed_under_load_lose_no_request(deployment, prompts):
+def test_workers_killed_under_load_lose_no_request(deployment, prompts, reference_outputs):
     prefill_0, prefill_1, decode_0, decode_1 = deployment.workers
-    long_prompts = sorted(prompts, key=len)[-4:]  # 400 to 1,500 tokens
+    longest = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[-4:]
+    long_prompts = [prompts[i] for i in longest]  # 400 to 1,500 tokens
     short_prompts = [p for p in prompts if 20 <= len(p) <= 300][:6]
     with RouterThread(deployment.addresses) as router:
         url = router.url
-        expected_long = run_concurrently(url, long_prompts, LONG_OUTPUT, lambda: None)
+        expected_long = [reference_outputs[i][:LONG_OUTPUT] for i in longest]  # transformers'
         expected_short = run_concurrently(url, short_prompts, SHORT_OUTPUT, lambda: None)
 
         # 1. A prefill worker dies with prompts queued, half prefilled or handing off.
@@ -136,29 +143,54 @@ def test_workers_killed_under_load_lose_no_request(deployment, prompts):
             'tandem:request_success_total{finished_reason="length"}': len(long_prompts),
         }
 
-        # 2. A decode worker dies with requests decoding on it.
+        # 2. A decode worker dies under load, in the middle of migrating its requests
+        # away: decode-0 is drained to decode-1, which is frozen (SIGSTOP) as soon as it
+        # has reserved room for one, so that the source dies mid-copy.
         on_decode_0: list[int] = []
+        drained: list[httpx.Response] = []
 
-        def kill_decode() -> None:
+        def kill_decode_mid_migration() -> None:
             def all_decoding() -> bool:
                 statuses = [worker_status(d.address, False) for d in (decode_0, decode_1)]
                 return sum(s.num_running for s in statuses) == len(short_prompts)
 
             wait_for(all_decoding, "every request decoding")
-            on_decode_0.append(worker_status(decode_0.address, False).num_running)
-            decode_0.kill()
+            drain = threading.Thread(
+                target=lambda: drained.append(
+                    httpx.post(f"{url}/admin/instances/decode-0/drain", timeout=120)
+                )
+            )
+            drain.start()
+            wait_for(
+                lambda: worker_status(decode_1.address, False).num_reserved >= 1,
+                "a migration's reservation on decode-1",
+            )
+            decode_1.process.send_signal(signal.SIGSTOP)
+            try:
+                instances = httpx.get(f"{url}/admin/instances", timeout=10).json()["instances"]
+                (source,) = [i for i in instances if i["instance_id"] == "decode-0"]
+                on_decode_0.append(source["num_requests"])
+                decode_0.kill()
+            finally:
+                decode_1.process.send_signal(signal.SIGCONT)
+            drain.join(120)
 
         before = counters(url)
-        results = run_concurrently(url, short_prompts, SHORT_OUTPUT, kill_decode)
+        results = run_concurrently(url, short_prompts, SHORT_OUTPUT, kill_decode_mid_migration)
         assert results == expected_short
-        assert on_decode_0[0] >= 1
-        assert moved(before, counters(url)) == {
+        assert on_decode_0[0] >= 1 and drained[0].status_code == 200
+        changes = moved(before, counters(url))
+        assert changes.pop('tandem:migrations_total{outcome="source_failed"}') >= 1
+        changes.pop('tandem:migrations_total{outcome="committed"}', None)
+        assert changes == {
             'tandem:requests_retried_total{reason="decode_lost"}': on_decode_0[0],
             'tandem:request_success_total{finished_reason="length"}': len(short_prompts),
         }
 
+        # The reservation the dead source made on decode-1 is gone long before its lease
+        # (60 s) would have freed it: the router undid it when the migration failed.
         survivors = [prefill_1.address, decode_1.address]
-        for status in wait_all_free(survivors):
+        for status in wait_all_free(survivors, timeout=20):
             assert status.num_free_blocks == status.num_blocks
             assert status.invariants_error == ""
         assert httpx.get(f"{url}/ready", timeout=10).status_code == 200

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.errors import KVImportError, MigrationError
 from engine.outputs import RequestOutput
@@ -17,9 +16,8 @@ SEEDED = SamplingParams(max_tokens=40, temperature=1.0, top_p=0.9, seed=1234, ig
 
 
 @pytest.fixture(scope="module")
-def engines(model_path):
-    config = EngineConfig(model=str(model_path), dtype="float32", max_num_batched_tokens=256)
-    return LLMEngine(config), LLMEngine(config)
+def engines(engine_pair):
+    return engine_pair
 
 
 class Collector:
@@ -151,3 +149,50 @@ def test_only_a_decoding_request_can_be_paused_and_an_abort_while_paused_frees_i
     assert not source.resume(rid)
     source.check_invariants()
     assert source.kv.pool.num_used_blocks == 0
+
+
+def test_blocks_shared_through_the_prefix_cache_stay_with_the_requests_that_share_them(
+    engines, prompts
+):
+    """A and B share a prefix on the source (the same blocks, two references). A moves:
+    the source keeps the shared blocks for B and frees only A's own; the destination
+    holds A's copy in blocks of its own, which its prefix cache then offers to C. All
+    three give the tokens they give alone."""
+    source, dest = engines
+    for engine in engines:
+        engine.kv.pool.reset_prefix_cache()
+    prefix = prompts[-1][:96]  # six full blocks
+    prompt_a, prompt_b, prompt_c = prefix + prompts[2], prefix + prompts[4], prefix + prompts[8]
+    alone = [run_alone(source, p, GREEDY) for p in (prompt_a, prompt_b, prompt_c)]
+    for engine in engines:
+        engine.kv.pool.reset_prefix_cache()
+    seen = Collector()
+    a = source.add_request(prompt_a, GREEDY)
+    seen.add(source.step())  # A first, so that B finds its prefix in the cache
+    b = source.add_request(prompt_b, GREEDY)
+    while len(seen.tokens.get(b, [])) < 3:
+        seen.add(source.step())
+    pool = source.kv.pool
+    shared = source.requests[a].block_ids[:6]
+    assert source.requests[b].block_ids[:6] == shared
+    assert [pool.ref_count(x) for x in shared] == [2] * 6
+    b_blocks = list(source.requests[b].block_ids)
+
+    migrate(source, dest, a, seen)
+
+    assert [pool.ref_count(x) for x in shared] == [1] * 6  # B's now, and only B's
+    assert source.requests[b].block_ids[: len(b_blocks)] == b_blocks
+    assert pool.num_used_blocks == len(source.requests[b].block_ids)
+    moved = dest.requests[a].block_ids
+    assert all(dest.kv.pool.ref_count(x) == 1 for x in moved)
+    hits_before = dest.kv.num_prefix_hits
+    c = dest.add_request(prompt_c, GREEDY)  # finds A's prefix in the destination's cache
+    while len(seen.finished) < 3:
+        for engine in engines:
+            seen.add(engine.step())
+    assert dest.requests.get(c) is None and seen.finished[c] == "length"
+    assert dest.kv.num_prefix_hits - hits_before >= 96
+    assert [(seen.tokens[r], seen.text[r]) for r in (a, b, c)] == alone
+    for engine in engines:
+        engine.check_invariants()
+        assert engine.kv.pool.num_used_blocks == 0
