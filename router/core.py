@@ -258,15 +258,7 @@ class Router:
         tracked = self.metrics.request_started()
         finish_reason, num_cached = "abort", 0  # unless a last delta says otherwise
         try:
-            await dispatch(
-                request,
-                self._instances,
-                generate,
-                self.config.rpc_timeout_s,
-                self._spawn,
-                self._on_handoff,
-                self._on_worker_failed,
-            )
+            await self._dispatch(request, generate)
             tracked.dispatched()
             while True:
                 delta = await request.stream.get()
@@ -480,6 +472,9 @@ class Router:
         generate.CopyFrom(request.generate)
         generate.request_id = request.worker_id
         generate.output_token_ids.extend(generated)
+        await self._dispatch(request, generate)
+
+    async def _dispatch(self, request: InFlight, generate: worker_pb2.GenerateRequest) -> None:
         await dispatch(
             request,
             self._instances,
