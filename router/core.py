@@ -428,30 +428,19 @@ class Router:
             request.stream.fail(f"{message}{tried}; the request was aborted, retry it")
             return
         generated = list(request.stream.token_ids)
-        assert request.generate is not None
+        prompt = request.generate.prompt_token_ids
         try:
-            route = self._choose_route(
-                RouteRequest([*request.generate.prompt_token_ids, *generated]), avoid=instance_id
-            )
+            route = self._choose_route(RouteRequest([*prompt, *generated]), avoid=instance_id)
         except RouterError as e:
             request.stream.fail(f"{message}; no other instance can take the request over ({e})")
             return
-        old_worker_id = request.worker_id
-        request.attempt += 1  # from here on, news of the old attempt is stale
-        self._spawn(self._resume(request, route, generated, old_worker_id, instance_id, message))
+        self._resume(request, route, generated, instance_id, message)
 
-    async def _resume(
-        self,
-        request: InFlight,
-        route: Route,
-        generated: list[int],
-        old_worker_id: str,
-        failed_id: str,
-        message: str,
+    def _resume(
+        self, request: InFlight, route: Route, generated: list[int], failed_id: str, message: str
     ) -> None:
-        """Sends the request again on `route`, its prompt plus the tokens `generated`
-        so far; the stream goes on from the next position."""
-        assert request.generate is not None
+        """Moves the request to `route` now, and sends it there (a task): its prompt plus
+        the tokens `generated` so far; its stream goes on from the next position."""
         role = self._instances[failed_id].role.value
         logger.warning(
             "resuming %s after %d tokens on %s: %s",
@@ -461,20 +450,22 @@ class Router:
             message,
         )
         self.metrics.retried(f"{role}_lost")
-        old = request.route
         if request.prefill_task is not None:
             request.prefill_task.cancel()
-        leftovers = {*old.instance_ids, *filter(None, [request.migrating_to])} - {failed_id}
-        self._abort_on(leftovers, old_worker_id, f"resumed elsewhere: {message}")
+        leftovers = {*request.route.instance_ids, *filter(None, [request.migrating_to])}
+        self._abort_on(leftovers - {failed_id}, request.worker_id, f"resumed elsewhere: {message}")
+        request.attempt += 1  # from here on, news of the old attempt is stale
         self._reroute(request, route, len(generated))
         request.stream.restart()
         generate = worker_pb2.GenerateRequest()
         generate.CopyFrom(request.generate)
         generate.request_id = request.worker_id
         generate.output_token_ids.extend(generated)
-        await self._dispatch(request, generate)
+        self._spawn(self._dispatch(request, generate))
 
     async def _dispatch(self, request: InFlight, generate: worker_pb2.GenerateRequest) -> None:
+        if request.stream.closed:
+            return  # a resumed request that ended before it was sent again
         await dispatch(
             request,
             self._instances,

@@ -43,7 +43,7 @@ class InFlight:
     route: Route
     stream: RequestStream
     num_prompt_tokens: int
-    generate: worker_pb2.GenerateRequest | None = None  # as first sent: prompt, params
+    generate: worker_pb2.GenerateRequest  # as first sent: prompt, params
     attempt: int = 0  # how many times it was resumed after a worker died
     waiting: bool = True  # no token yet: its prompt counts against the admission bound
     prompt_pending: bool = True  # its route's first instance has its prompt queued
