@@ -394,6 +394,14 @@ class Router:
                 return  # it ended here already (aborted, failed)
         if request.attempt and delta.request_id != request.worker_id:
             return  # from an attempt given up on
+        prefill_id = request.route.prefill_id
+        if delta.error and prefill_id is not None and request.handoff is None:
+            # The decode side gave up on the KV handoff (the link broke, or the sender
+            # went silent): the prefill instance is taken for gone, as its own stream
+            # would say, whichever of the two the router hears first.
+            message = f"{instance}: {delta.error}"
+            self._on_worker_failed(request, request.attempt, prefill_id, message)
+            return
         if instance.instance_id == request.route.decode_id or self.migrations.accepts(
             request, instance.instance_id, delta
         ):

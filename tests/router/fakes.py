@@ -73,6 +73,9 @@ class Knobs:
     fail_handoff: bool = False  # prefill: a failure event instead of the handoff
     decode_first: bool = False  # prefill: the decode side finishes before the first token
     first_token_s: float = 0.0  # prefill: time before the first token
+    # prefill: the decode side reports the handoff broken (as when this worker dies
+    # mid-transfer), and the prefill stream never ends
+    handoff_broken: bool = False
 
 
 class FakeWorker(worker_pb2_grpc.WorkerServicer):
@@ -135,6 +138,16 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         done = len(request.output_token_ids)  # a resumed request goes on from there
         first = _delta(request.request_id, done, ids, reason)
         decode = self._registry[request.decode.address]
+        if self.knobs.handoff_broken:
+            broken = worker_pb2.TokenDelta(
+                request_id=request.request_id,
+                index=done,
+                finished=True,
+                finish_reason="error",
+                error="the KV handoff failed (KV transfer failed: connection reset by peer)",
+            )
+            decode._subscribers[request.router_id].put_nowait(worker_pb2.StepBatch(deltas=[broken]))
+            await asyncio.Event().wait()  # its process died: nothing more comes
         if self.knobs.fail_handoff:
             yield worker_pb2.PrefillEvent(first_token=first)
             failure = worker_pb2.Failure(code="UNAVAILABLE", message="decode instance unreachable")

@@ -158,6 +158,18 @@ async def test_a_dead_prefill_instance_s_requests_go_to_another() -> None:
         assert not router._instances["prefill-0"].healthy
 
 
+async def test_a_handoff_the_decode_side_reports_broken_resumes_on_another_prefill() -> None:
+    async with (
+        fake_workers("prefill", "prefill", "decode") as (p1, p2, d),
+        started_router([p1, p2, d]) as router,
+    ):
+        p1.knobs.handoff_broken = True
+        deltas = await run(router, PROMPT)
+        assert tokens(deltas) == PROMPT and deltas[-1].finish_reason == "stop"
+        assert len(p1.prompts) == 1 and len(p2.prompts) == 1
+        assert retried(router, "prefill_lost") == 1
+
+
 async def test_a_request_resumed_max_retries_times_then_fails_with_the_reason() -> None:
     async with (
         fake_workers("prefill", "decode", "decode") as (p, d1, d2),
