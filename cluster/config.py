@@ -250,7 +250,12 @@ class RayConfig(_Model):
     )
     address: str | None = Field(default=None, description="join this Ray cluster ('auto' too)")
     worker_host: str | None = Field(
-        default=None, description="where the state store and workers listen (None: router.host)"
+        default=None,
+        description="where the state store and every worker listen (None: on a Ray cluster, "
+        "each worker on its node's address; on this machine alone, 127.0.0.1)",
+    )
+    max_restarts: int = Field(
+        default=3, ge=0, description="Ray: times a worker whose process died is started again"
     )
     start_timeout_s: float = Field(
         default=600.0, gt=0, description="seconds for every worker to come up"

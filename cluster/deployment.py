@@ -7,6 +7,11 @@
 Disaggregated mode runs `prefill_instances` prefill workers and `decode_instances`
 decode workers; colocated mode runs `decode_instances` workers that do both phases.
 The state store is a torch.distributed TCPStore hosted here: KV links rendezvous in it.
+
+Where things listen: `host` when given, for the store and every worker. Otherwise, on a
+Ray cluster (`ray_address`) each worker listens on its own node's address and the store
+on this node's; on this machine alone (local processes, or a Ray started here), all on
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.spec import WorkerSpec
+from cluster.worker_main import LOOPBACK
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +38,8 @@ class DeploymentOptions:
     dtype: str = "auto"
     launcher: str = "ray"
     ray_address: str | None = None
-    host: str = "127.0.0.1"
+    host: str | None = None  # None: see the module docstring
+    max_restarts: int = 3  # Ray: times a worker whose process died is started again
     threads_per_worker: int = 1
     cpus_per_worker: float = 1.0
     max_num_batched_tokens: int = 512
@@ -54,6 +61,8 @@ class DeploymentOptions:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.max_restarts < 0:
+            raise ValueError("max_restarts must be 0 or more")
         if self.kv_layer_groups < 1:
             raise ValueError("kv_layer_groups must be at least 1")
         if self.decode_instances < 1:
@@ -61,14 +70,20 @@ class DeploymentOptions:
         if self.mode == "disaggregated" and self.prefill_instances < 1:
             raise ValueError("--prefill-instances must be at least 1 in disaggregated mode")
 
+    @property
+    def on_ray_cluster(self) -> bool:
+        """Workers may run on other machines: they and the store need reachable addresses."""
+        return self.launcher == "ray" and self.ray_address is not None
+
     def worker_specs(self, store_address: str) -> list[WorkerSpec]:
+        host = self.host if self.host or self.on_ray_cluster else LOOPBACK
         common: dict[str, Any] = {
             "store_address": store_address,
             "model": self.model,
             "dtype": self.dtype,
             "num_threads": self.threads_per_worker,
             "num_cpus": self.cpus_per_worker,
-            "host": self.host,
+            "host": host,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
             "num_blocks": self.num_blocks,
@@ -109,24 +124,35 @@ class Deployment:
         return [worker.address for worker in self.workers]
 
     def start(self) -> list[str]:
-        from engine.kv.link import start_store  # torch.distributed's TCPStore
-
         options = self.options
-        self.store, self.store_address = start_store(options.host)
-        specs = options.worker_specs(self.store_address)
         if options.launcher == "ray":
             from cluster.launcher import RayLauncher
 
             self.launcher = RayLauncher(options.ray_address)
+            self._start_store(self.launcher.node_address)
             pack = options.pack if options.pack is not None else options.ray_address is None
-            self.workers = self.launcher.start(specs, options.start_timeout, pack=pack)
+            self.workers = self.launcher.start(
+                options.worker_specs(self.store_address),
+                options.start_timeout,
+                pack=pack,
+                max_restarts=options.max_restarts,
+            )
         else:
             from cluster.launcher import LocalLauncher
 
             self.launcher = LocalLauncher()
+            self._start_store(LOOPBACK)
+            specs = options.worker_specs(self.store_address)
             self.workers = self.launcher.start(specs, options.start_timeout)
         logger.info("workers: %s", {w.spec.instance_id: w.address for w in self.workers})
         return self.addresses
+
+    def _start_store(self, node_address: str) -> None:
+        from engine.kv.link import start_store  # torch.distributed's TCPStore
+
+        options = self.options
+        host = options.host or (node_address if options.on_ray_cluster else LOOPBACK)
+        self.store, self.store_address = start_store(host)
 
     def stop(self) -> None:
         if self.launcher is not None:

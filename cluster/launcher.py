@@ -7,6 +7,9 @@ own process, so this module needs no model code, and Ray only when it is used.
 Ray: each worker is an actor with explicit CPU/GPU resources and a fixed number of
 torch threads. `pack=True` places all of them in one STRICT_PACK placement group
 (one node); a spec's `node` pins a worker to the node offering that custom resource.
+A worker without a host listens on its node's address. When a worker's process dies,
+Ray starts it again, up to `max_restarts` times; it serves on its old address again
+(cluster.worker_main.start), so the router finds it there and registers it anew.
 """
 
 from __future__ import annotations
@@ -154,11 +157,13 @@ def _actor_class() -> Any:
         def __init__(self, spec_json: str) -> None:
             self.spec = WorkerSpec.from_json(spec_json)
             self.service: Any = None
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                self.start(restarted=True)  # Ray restarted it: its old process died
 
-        def start(self) -> tuple[str, str]:
+        def start(self, restarted: bool = False) -> tuple[str, str]:
             from cluster.worker_main import start
 
-            self.service = start(self.spec)
+            self.service = start(self.spec, ray.util.get_node_ip_address(), restarted)
             return self.service.address, ray.get_runtime_context().get_node_id()
 
         def ping(self) -> int:
@@ -193,8 +198,19 @@ class RayLauncher:
         self.workers: list[RayWorker] = []
         self._placement_group: Any = None
 
+    @property
+    def node_address(self) -> str:
+        """This process's node's address, as the other nodes reach it."""
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+
     def start(
-        self, specs: list[WorkerSpec], timeout: float = 600.0, pack: bool = False
+        self,
+        specs: list[WorkerSpec],
+        timeout: float = 600.0,
+        pack: bool = False,
+        max_restarts: int = 0,
     ) -> list[RayWorker]:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -213,7 +229,7 @@ class RayLauncher:
                 "num_cpus": spec.num_cpus,
                 "num_gpus": spec.num_gpus,
                 "name": f"tandem-{spec.instance_id}",
-                "max_restarts": 0,
+                "max_restarts": max_restarts,
                 "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(spec.num_threads)}},
             }
             if spec.node:

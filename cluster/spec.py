@@ -25,7 +25,7 @@ class WorkerSpec:
     num_threads: int = 1
     num_cpus: float = 1.0  # Ray resources
     num_gpus: float = 0.0
-    host: str = "127.0.0.1"
+    host: str | None = "127.0.0.1"  # None: this node's own address (see worker_main.start)
     port: int = 0  # 0: any free port
     max_num_batched_tokens: int = 512
     kv_cache_memory_bytes: int = 1 << 30
@@ -48,6 +48,13 @@ class WorkerSpec:
     def from_json(cls, text: str) -> WorkerSpec:
         data: dict[str, Any] = json.loads(text)
         return cls(**data)
+
+    @property
+    def listen_host(self) -> str:
+        """The host it listens on, once cluster.worker_main.start has resolved None."""
+        if self.host is None:
+            raise ValueError(f"worker {self.instance_id}: its host is not resolved yet")
+        return self.host
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The EngineConfig fields this spec sets ("auto" values resolved on this machine)."""

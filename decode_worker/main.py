@@ -12,8 +12,8 @@ from engine.kv.link import LinkManager, connect_store
 
 def build(spec: WorkerSpec) -> DecodeService:
     engine = LLMEngine(EngineConfig(**spec.engine_kwargs()))
-    links = LinkManager(spec.instance_id, connect_store(spec.store_address), host=spec.host)
+    links = LinkManager(spec.instance_id, connect_store(spec.store_address), host=spec.listen_host)
     service = DecodeService(engine, spec.instance_id, links, colocated=spec.role == "colocated")
-    start_server(service, spec.host, spec.port)
+    start_server(service, spec.listen_host, spec.port)
     service.start()
     return service

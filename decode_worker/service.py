@@ -209,6 +209,11 @@ class DecodeService(WorkerServicer):
 
     def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> Any:
         params = sampling_params(SamplingParams, request.params, context)
+        if request.link_id:
+            try:
+                self.links.get(request.link_id)
+            except LinkError as exc:  # made with an earlier process of this instance
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}: link again")
         layout = KVBlockMeta(
             **{f.name: getattr(request.layout, f.name) for f in pb.KVLayout.DESCRIPTOR.fields},
             num_tokens=request.num_kv_tokens,

@@ -2,10 +2,11 @@
 
 A Handoff is one request's state on its way to a decode instance (D); its Deadlines
 bound each RPC. The HandoffSender runs the transfers PrefillService queues, in the
-order they were queued, on one thread per link, so that a slow or broken link holds
-up no other:
+order they were queued, on one thread per decode instance, so that a slow D or a broken
+link holds up no other:
 
-    queue_reserve ─▶ D.Reserve, retried with backoff while D is full (reserve)
+    queue_reserve ─▶ D.Reserve, retried with backoff while D is full (reserve);
+                     linked again, once, if D does not know the link (it restarted)
     queue_blocks  ─▶ D.ReceiveBlocks and the blocks' bytes on the link (transfer)
     queue_commit  ─▶ D.Commit (commit) ─▶ on_committed(handoff, seconds, tail_seconds)
 
@@ -88,13 +89,15 @@ class HandoffSender:
         deadlines: Deadlines,
         on_committed: Callable[[Handoff, float, float], None],
         on_failed: Callable[[Handoff, str, str], None],
+        connect: Callable[[pb.Peer], KVLink],
     ) -> None:
         self.links = links
         self.deadlines = deadlines
         self._on_committed = on_committed
         self._on_failed = on_failed
+        self._connect = connect  # the link to a D, made anew if the last one was dropped
         self._lock = threading.Lock()
-        self._queues: dict[str, queue.Queue[_Job | None]] = {}  # link id -> its job queue
+        self._queues: dict[str, queue.Queue[_Job | None]] = {}  # D's instance id -> its jobs
         self._kv_bytes_sent = 0
 
     @property
@@ -124,13 +127,13 @@ class HandoffSender:
                 jobs.put(None)
 
     def _put(self, job: _Job) -> None:
-        link_id = job.handoff.link.link_id
+        peer_id = job.handoff.decode.instance_id
         with self._lock:
-            jobs = self._queues.get(link_id)
+            jobs = self._queues.get(peer_id)
             if jobs is None:
-                jobs = self._queues[link_id] = queue.Queue()
+                jobs = self._queues[peer_id] = queue.Queue()
                 threading.Thread(
-                    target=self._run, args=(jobs,), name=f"send-{link_id}", daemon=True
+                    target=self._run, args=(jobs,), name=f"send-{peer_id}", daemon=True
                 ).start()
         jobs.put(job)
 
@@ -159,9 +162,12 @@ class HandoffSender:
                 self._on_failed(handoff, "INTERNAL", f"KV handoff failed: {exc}")
 
     def _reserve(self, handoff: Handoff) -> None:
-        """D.Reserve, retried with backoff while D is full, up to the reserve deadline."""
+        """D.Reserve, retried with backoff while D is full, up to the reserve deadline.
+        A D that does not know the link (it restarted since the link was made) gets a new
+        one, once; the handoff's later jobs, queued behind this one, use it."""
         deadline = time.monotonic() + self.deadlines.reserve
         wait = 0.05
+        relinked = False
         while True:
             try:
                 handoff.stub.Reserve(handoff.reservation, timeout=self.deadlines.commit)
@@ -170,6 +176,13 @@ class HandoffSender:
                     handoff.abort_peer(self.deadlines.commit)
                 return
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and not relinked:
+                    logger.info("new link to %s: %s", handoff.decode.instance_id, exc.details())
+                    self.links.drop(handoff.link)
+                    handoff.link = self._connect(handoff.decode)  # the live one, if made since
+                    handoff.reservation.link_id = handoff.link.link_id
+                    relinked = True
+                    continue
                 full = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 if not full or time.monotonic() + wait > deadline or handoff.done:
                     raise

@@ -12,10 +12,10 @@ from prefill_worker.service import Deadlines, PrefillService
 
 def build(spec: WorkerSpec) -> PrefillService:
     engine = LLMEngine(EngineConfig(**spec.engine_kwargs()))
-    links = LinkManager(spec.instance_id, connect_store(spec.store_address), host=spec.host)
+    links = LinkManager(spec.instance_id, connect_store(spec.store_address), host=spec.listen_host)
     service = PrefillService(
         engine, spec.instance_id, links, Deadlines(**spec.deadlines), spec.kv_layer_groups
     )
-    start_server(service, spec.host, spec.port)
+    start_server(service, spec.listen_host, spec.port)
     service.start()
     return service

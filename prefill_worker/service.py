@@ -72,7 +72,9 @@ class PrefillService(WorkerServicer):
         engine.layer_listener = self._on_layer
         self._lock = threading.Lock()
         self._handoffs: dict[str, Handoff] = {}
-        self.sender = HandoffSender(links, self.deadlines, self._committed, self._fail)
+        self.sender = HandoffSender(
+            links, self.deadlines, self._committed, self._fail, self.connect_link
+        )
         self.handoffs_completed = 0
         self.handoffs_failed = 0
         self.handoff_seconds_total = 0.0

@@ -172,7 +172,8 @@ def test_deployment_options_carry_the_pools_and_the_launcher() -> None:
     assert (options.threads_per_worker, options.cpus_per_worker) == (4, 4.0)
     assert options.kv_cache_memory_bytes == 2 << 30 and options.max_num_batched_tokens == 512
     assert options.dtype == "bfloat16" and options.start_timeout == 900
-    assert deployment_options(config).host == "0.0.0.0"  # no worker_host: the router's
+    assert options.max_restarts == 3
+    assert deployment_options(config).host is None  # each worker on its node's address
 
 
 def test_what_the_deployment_cannot_carry_yet_is_refused_by_path() -> None:

@@ -156,6 +156,21 @@ def wait_all_free(addresses: Sequence[str], timeout: float = 60.0) -> list[pb.In
             return statuses
 
 
+def metric_samples(url: str, names: Sequence[str]) -> dict[str, float]:
+    """The router's samples of the metrics `names`, keyed `name{labels}` without the
+    model_name label that every sample has."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(tuple(names)):
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            pairs = labels.rstrip("}").split(",") if labels else []
+            label = ",".join(x for x in pairs if not x.startswith("model_name="))
+            values[f"{name}{{{label}}}"] = float(value)
+    return values
+
+
 def complete(url: str, prompt: Any, max_tokens: int, **fields: Any) -> dict[str, Any]:
     body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
     response = httpx.post(f"{url}/v1/completions", json={**body, **fields}, timeout=600)

@@ -1,62 +1,116 @@
-"""A two-node Ray cluster on one machine: prefill on one node, decode on the other."""
+"""`tandem serve --config FILE --ray-address auto` on a two-node Ray cluster on one machine.
+
+Each node offers one CPU and each worker asks for one, so the prefill worker and the
+decode worker run on different nodes (different raylets). The workers listen on their
+node's address, not on loopback. Then the decode worker's process is killed with
+SIGKILL: Ray starts it again (ray.max_restarts), it serves on its old address, the router
+registers it anew, and requests give the same tokens as before.
+"""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 import pytest
 
-from cluster.launcher import RayLauncher
-from cluster.spec import WorkerSpec
-from engine.kv.link import start_store
-from tests.integration.serving import RouterThread, greedy_token_ids, wait_all_free
+from tests.integration.serving import (
+    greedy_token_ids,
+    metric_samples,
+    tandem_serve,
+    wait_all_free,
+)
 
 ray = pytest.importorskip("ray")
 
+CONFIG = """\
+dtype: float32
+mode: disaggregated
+pools:
+  prefill: {instances: 1, resources: {cpus: 1, threads: 1}}
+  decode: {instances: 1, resources: {cpus: 1, threads: 1}}
+store: {kind: memory, heartbeat_ttl_s: 2}
+ray: {launcher: ray, address: null, max_restarts: 1}
+"""
 
-def start_head() -> Any:
-    """A one-machine Ray cluster's head node. Ray gives its raylet 30 s to register; on
-    a loaded 2-core machine that can run out, so one more try before giving up."""
+
+def start_cluster() -> Any:
+    """Two Ray nodes on this machine, one CPU each. Ray gives a raylet 30 s to register;
+    on a loaded 2-core machine that can run out, so one more try before giving up."""
     from ray.cluster_utils import Cluster
 
     for attempt in range(2):
         try:
-            return Cluster(
-                initialize_head=True,
-                head_node_args={"num_cpus": 1, "resources": {"tandem_node_a": 1}},
-            )
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            return cluster
         except Exception as exc:
             if "timed out during startup" not in str(exc) or attempt:
                 raise
     raise AssertionError("unreachable")
 
 
-def test_prefill_and_decode_on_different_nodes(prompts, reference_outputs):
-    cluster = start_head()
-    cluster.add_node(num_cpus=1, resources={"tandem_node_b": 1})
-    cluster.wait_for_nodes()
-    launcher = None
+def serving_process(port: int) -> psutil.Process:
+    """The process listening on `port` (a worker's gRPC port)."""
+    for connection in psutil.net_connections("tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+            assert connection.pid is not None
+            return psutil.Process(connection.pid)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def registry_events(url: str) -> dict[str, float]:
+    samples = metric_samples(url, ["tandem:registry_events_total"])
+    return {k.split('"')[1]: v for k, v in samples.items()}
+
+
+def test_serve_on_a_two_node_ray_cluster_and_a_killed_worker_comes_back(
+    prompts, reference_outputs, tmp_path: Path
+) -> None:
+    cluster = start_cluster()
+    config = tmp_path / "cluster.yaml"
+    config.write_text(CONFIG)
+    node_address = ray.util.get_node_ip_address()
     try:
-        ray.init(address=cluster.address)
-        store, address = start_store()  # kept alive: the links rendezvous in it
-        specs = [
-            WorkerSpec("prefill-0", "prefill", address, dtype="float32", node="tandem_node_a"),
-            WorkerSpec("decode-0", "decode", address, dtype="float32", node="tandem_node_b"),
-        ]
-        launcher = RayLauncher()
-        prefill, decode = launcher.start(specs)
-        assert prefill.node_id != decode.node_id
-        with RouterThread([prefill.address, decode.address]) as router:
+        with tandem_serve(
+            "--config", str(config), "--ray-address", "auto",
+            env={"RAY_ADDRESS": cluster.address}, ready_path="/ready",
+        ) as (url, _):  # fmt: skip
+            instances = httpx.get(f"{url}/admin/instances", timeout=10).json()["instances"]
+            addresses = {i["role"]: i["address"] for i in instances}
+            assert sorted(addresses) == ["decode", "prefill"]
+            for address in addresses.values():
+                assert address.rpartition(":")[0] == node_address, addresses  # not loopback
+            prefill = serving_process(int(addresses["prefill"].rpartition(":")[2]))
+            decode = serving_process(int(addresses["decode"].rpartition(":")[2]))
+            assert prefill.parent().pid != decode.parent().pid  # two raylets: two nodes
+
             chosen = [0, 7, 15]
-            results = greedy_token_ids(router.url, [prompts[i] for i in chosen], 32)
+            results = greedy_token_ids(url, [prompts[i] for i in chosen], 32)
             assert results == [reference_outputs[i] for i in chosen]
-            statuses = wait_all_free([prefill.address, decode.address])
-        assert statuses[0].kv_bytes_sent > 0
-        assert statuses[1].kv_bytes_received == statuses[0].kv_bytes_sent
-        assert all(s.num_free_blocks == s.num_blocks for s in statuses)
-        del store
+            before = registry_events(url)
+
+            decode.kill()  # SIGKILL: Ray starts the actor again, once (max_restarts: 1)
+            decode.wait(30)
+            deadline = time.monotonic() + 180
+            while registry_events(url)["registered"] == before["registered"]:
+                assert time.monotonic() < deadline, "the restarted decode worker never registered"
+                time.sleep(1)
+            assert registry_events(url)["expired"] == before["expired"] + 1
+            while httpx.get(f"{url}/ready", timeout=10).status_code != 200:  # its token stream
+                assert time.monotonic() < deadline, "the restarted decode worker never got ready"
+                time.sleep(0.5)
+            restarted = serving_process(int(addresses["decode"].rpartition(":")[2]))
+            assert restarted.pid != decode.pid
+
+            results = greedy_token_ids(url, [prompts[i] for i in chosen], 32)
+            assert results == [reference_outputs[i] for i in chosen]
+            statuses = wait_all_free([addresses["prefill"], addresses["decode"]])
+            assert all(s.num_free_blocks == s.num_blocks for s in statuses)
+            assert statuses[1].kv_bytes_received > 0  # the new process got its KV over a link
     finally:
-        if launcher is not None:
-            launcher.shutdown()
-        ray.shutdown()
         cluster.shutdown()

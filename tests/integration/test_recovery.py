@@ -25,30 +25,23 @@ import httpx
 import pytest
 
 from cluster.deployment import Deployment, DeploymentOptions
-from tests.integration.serving import RouterThread, wait_all_free, worker_status
+from tests.integration.serving import RouterThread, metric_samples, wait_all_free, worker_status
 
 LONG_OUTPUT, SHORT_OUTPUT = 16, 64
 
 
+REQUEST_COUNTERS = (
+    "tandem:migrations_total",
+    "tandem:requests_retried_total",
+    "tandem:request_success_total",
+    "tandem:requests_failed_total",
+    "tandem:requests_rejected_total",
+)
+
+
 def counters(url: str) -> dict[str, float]:
     """The router's request counters, by series."""
-    wanted = (
-        "tandem:migrations_total",
-        "tandem:requests_retried_total",
-        "tandem:request_success_total",
-        "tandem:requests_failed_total",
-        "tandem:requests_rejected_total",
-    )
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(wanted):
-            series, value = line.rsplit(" ", 1)
-            name, _, labels = series.partition("{")
-            pairs = labels.rstrip("}").split(",") if labels else []
-            label = ",".join(x for x in pairs if not x.startswith("model_name="))
-            values[f"{name}{{{label}}}"] = float(value)
-    return values
+    return metric_samples(url, REQUEST_COUNTERS)
 
 
 def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
