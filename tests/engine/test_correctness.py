@@ -22,7 +22,9 @@ def run_and_check(llm: LLM, prompts, reference_outputs, params=GREEDY) -> None:
         assert out.token_ids == ref, f"prompt {i} ({len(prompts[i])} tokens) diverged"
 
 
-@pytest.mark.parametrize("budget", [16, 64, 512])
+# 40 tokens a step (less the running decodes): prompts in chunks that end mid-block;
+# 512: several whole prompts in one step.
+@pytest.mark.parametrize("budget", [40, 512])
 def test_matches_transformers_at_each_token_budget(budget, model_path, prompts, reference_outputs):
     llm = LLM(
         str(model_path), dtype="float32", max_num_batched_tokens=budget, enable_prefix_caching=False

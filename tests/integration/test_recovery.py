@@ -12,19 +12,26 @@ copy cannot have finished). After each fault:
 - the survivors hold no request and every block is free (the dead source's reservation
   on the destination too, long before its lease), invariants hold, and the router is
   still ready.
+Last, a sender that reserves room on the surviving decode worker and goes silent: its
+lease lapses and the blocks come back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
 from collections.abc import Callable
 
+import grpc
 import httpx
 import pytest
 
 from cluster.deployment import Deployment, DeploymentOptions
+from cluster.worker_base import channel
+from proto.tandem.internal.v1 import worker_pb2 as pb
+from proto.tandem.internal.v1 import worker_pb2_grpc
 from tests.integration.serving import RouterThread, metric_samples, wait_all_free, worker_status
 
 LONG_OUTPUT, SHORT_OUTPUT = 16, 64
@@ -187,3 +194,45 @@ def test_workers_killed_under_load_lose_no_request(deployment, prompts, referenc
             assert status.num_free_blocks == status.num_blocks
             assert status.invariants_error == ""
         assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
+
+    _a_lapsed_reservation_ends_with_an_error_that_says_why(decode_1.address)
+
+
+def _a_lapsed_reservation_ends_with_an_error_that_says_why(decode_address: str) -> None:
+    """A sender that reserves room and goes silent: D frees the blocks when the lease
+    lapses, and the router's stream gets an error delta (never a bare "abort", which a
+    router would pass on as a finished completion)."""
+    stub = worker_pb2_grpc.WorkerStub(channel(decode_address))
+    info = stub.Info(pb.InfoRequest(), timeout=30)
+    deltas: list[pb.TokenDelta] = []
+
+    def read() -> None:
+        stream = stub.Subscribe(pb.SubscribeRequest(router_id="silent-sender"), timeout=30)
+        with contextlib.suppress(grpc.RpcError):  # the timeout ends the stream
+            for batch in stream:
+                deltas.extend(batch.deltas)
+                if any(d.finished for d in deltas):
+                    stream.cancel()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)  # the subscription is registered before the reservation
+    stub.Reserve(
+        pb.ReserveRequest(
+            request_id="lapses",
+            prompt_token_ids=list(range(40)),
+            params=pb.SamplingParams(max_tokens=4, top_p=1.0),
+            num_kv_tokens=40,
+            layout=info.layout,
+            router_id="silent-sender",
+            deadline_seconds=1.0,
+        ),
+        timeout=30,
+    )
+    reader.join(40)
+    (last,) = [d for d in deltas if d.request_id == "lapses"]
+    assert last.finished and last.finish_reason == "error", last
+    assert "lease lapsed" in last.error and "retry" in last.error, last.error
+    (status,) = wait_all_free([decode_address], timeout=30)
+    assert status.num_free_blocks == status.num_blocks
+    assert status.num_reserved == 0 and status.invariants_error == ""
