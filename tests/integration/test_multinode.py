@@ -9,9 +9,12 @@ registers it anew, and requests give the same tokens as before.
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -37,21 +40,53 @@ ray: {launcher: ray, address: null, max_restarts: 1}
 """
 
 
-def start_cluster() -> Any:
-    """Two Ray nodes on this machine, one CPU each. Ray gives a raylet 30 s to register;
-    on a loaded 2-core machine that can run out, so one more try before giving up."""
-    from ray.cluster_utils import Cluster
+# Two Ray nodes on this machine, one CPU each, in a process of their own: a Ray head
+# started from the test process (threads of earlier tests' gRPC channels, gigabytes of
+# models) was seen to never bring up its GCS.
+CLUSTER = """
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+print("RAY_ADDRESS", cluster.address, flush=True)
+sys.stdin.read()  # until the test closes it
+cluster.shutdown()
+"""
 
+
+@contextlib.contextmanager
+def two_node_cluster() -> Iterator[str]:
+    """The cluster's address. Ray gives a new head 30 s to come up, which a loaded
+    2-core machine can miss: one more try before giving up."""
     for attempt in range(2):
+        process = subprocess.Popen(
+            [sys.executable, "-c", CLUSTER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert process.stdout is not None and process.stdin is not None
+        output = []
+        for line in process.stdout:  # ends when the process does
+            if line.startswith("RAY_ADDRESS "):
+                break
+            output.append(line)
+        else:
+            process.wait()
+            if attempt:
+                pytest.fail("the Ray cluster did not start:\n" + "".join(output[-30:]))
+            continue
         try:
-            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-            cluster.add_node(num_cpus=1)
-            cluster.wait_for_nodes()
-            return cluster
-        except Exception as exc:
-            if "timed out during startup" not in str(exc) or attempt:
-                raise
-    raise AssertionError("unreachable")
+            yield line.split()[1]
+        finally:
+            process.stdin.close()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        return
 
 
 def serving_process(port: int) -> psutil.Process:
@@ -71,46 +106,42 @@ def registry_events(url: str) -> dict[str, float]:
 def test_serve_on_a_two_node_ray_cluster_and_a_killed_worker_comes_back(
     prompts, reference_outputs, tmp_path: Path
 ) -> None:
-    cluster = start_cluster()
     config = tmp_path / "cluster.yaml"
     config.write_text(CONFIG)
     node_address = ray.util.get_node_ip_address()
-    try:
-        with tandem_serve(
-            "--config", str(config), "--ray-address", "auto",
-            env={"RAY_ADDRESS": cluster.address}, ready_path="/ready",
-        ) as (url, _):  # fmt: skip
-            instances = httpx.get(f"{url}/admin/instances", timeout=10).json()["instances"]
-            addresses = {i["role"]: i["address"] for i in instances}
-            assert sorted(addresses) == ["decode", "prefill"]
-            for address in addresses.values():
-                assert address.rpartition(":")[0] == node_address, addresses  # not loopback
-            prefill = serving_process(int(addresses["prefill"].rpartition(":")[2]))
-            decode = serving_process(int(addresses["decode"].rpartition(":")[2]))
-            assert prefill.parent().pid != decode.parent().pid  # two raylets: two nodes
+    with two_node_cluster() as ray_address, tandem_serve(
+        "--config", str(config), "--ray-address", "auto",
+        env={"RAY_ADDRESS": ray_address}, ready_path="/ready",
+    ) as (url, _):  # fmt: skip
+        instances = httpx.get(f"{url}/admin/instances", timeout=10).json()["instances"]
+        addresses = {i["role"]: i["address"] for i in instances}
+        assert sorted(addresses) == ["decode", "prefill"]
+        for address in addresses.values():
+            assert address.rpartition(":")[0] == node_address, addresses  # not loopback
+        prefill = serving_process(int(addresses["prefill"].rpartition(":")[2]))
+        decode = serving_process(int(addresses["decode"].rpartition(":")[2]))
+        assert prefill.parent().pid != decode.parent().pid  # two raylets: two nodes
 
-            chosen = [0, 7, 15]
-            results = greedy_token_ids(url, [prompts[i] for i in chosen], 32)
-            assert results == [reference_outputs[i] for i in chosen]
-            before = registry_events(url)
+        chosen = [0, 7, 15]
+        results = greedy_token_ids(url, [prompts[i] for i in chosen], 32)
+        assert results == [reference_outputs[i] for i in chosen]
+        before = registry_events(url)
 
-            decode.kill()  # SIGKILL: Ray starts the actor again, once (max_restarts: 1)
-            decode.wait(30)
-            deadline = time.monotonic() + 180
-            while registry_events(url)["registered"] == before["registered"]:
-                assert time.monotonic() < deadline, "the restarted decode worker never registered"
-                time.sleep(1)
-            assert registry_events(url)["expired"] == before["expired"] + 1
-            while httpx.get(f"{url}/ready", timeout=10).status_code != 200:  # its token stream
-                assert time.monotonic() < deadline, "the restarted decode worker never got ready"
-                time.sleep(0.5)
-            restarted = serving_process(int(addresses["decode"].rpartition(":")[2]))
-            assert restarted.pid != decode.pid
+        decode.kill()  # SIGKILL: Ray starts the actor again, once (max_restarts: 1)
+        decode.wait(30)
+        deadline = time.monotonic() + 180
+        while registry_events(url)["registered"] == before["registered"]:
+            assert time.monotonic() < deadline, "the restarted decode worker never registered"
+            time.sleep(1)
+        assert registry_events(url)["expired"] == before["expired"] + 1
+        while httpx.get(f"{url}/ready", timeout=10).status_code != 200:  # its token stream
+            assert time.monotonic() < deadline, "the restarted decode worker never got ready"
+            time.sleep(0.5)
+        restarted = serving_process(int(addresses["decode"].rpartition(":")[2]))
+        assert restarted.pid != decode.pid
 
-            results = greedy_token_ids(url, [prompts[i] for i in chosen], 32)
-            assert results == [reference_outputs[i] for i in chosen]
-            statuses = wait_all_free([addresses["prefill"], addresses["decode"]])
-            assert all(s.num_free_blocks == s.num_blocks for s in statuses)
-            assert statuses[1].kv_bytes_received > 0  # the new process got its KV over a link
-    finally:
-        cluster.shutdown()
+        results = greedy_token_ids(url, [prompts[i] for i in chosen], 32)
+        assert results == [reference_outputs[i] for i in chosen]
+        statuses = wait_all_free([addresses["prefill"], addresses["decode"]])
+        assert all(s.num_free_blocks == s.num_blocks for s in statuses)
+        assert statuses[1].kv_bytes_received > 0  # the new process got its KV over a link
