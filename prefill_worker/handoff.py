@@ -176,9 +176,11 @@ class HandoffSender:
                     handoff.abort_peer(self.deadlines.commit)
                 return
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and not relinked:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    self.links.drop(handoff.link)  # the next request links afresh
+                    if relinked:
+                        raise
                     logger.info("new link to %s: %s", handoff.decode.instance_id, exc.details())
-                    self.links.drop(handoff.link)
                     handoff.link = self._connect(handoff.decode)  # the live one, if made since
                     handoff.reservation.link_id = handoff.link.link_id
                     relinked = True
