@@ -68,7 +68,9 @@ def test_engine_on_the_torch_backend_matches_transformers(model_path, prompts, r
     llm = LLM(
         str(model_path), dtype="float32", max_num_batched_tokens=512, attention_backend="torch"
     )
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=NUM_REFERENCE_TOKENS, temperature=0))
+    chosen = range(1, len(prompts), 2)  # every other length, 2 to 1,500 tokens
+    params = SamplingParams(max_tokens=NUM_REFERENCE_TOKENS, temperature=0)
+    outputs = llm.generate([prompts[i] for i in chosen], params)
     assert llm.engine.backend.name == "torch"
-    for i, (out, ref) in enumerate(zip(outputs, reference_outputs)):
-        assert out.token_ids == ref, f"prompt {i} ({len(prompts[i])} tokens) diverged"
+    for i, out in zip(chosen, outputs, strict=True):
+        assert out.token_ids == reference_outputs[i], f"prompt {i} ({len(prompts[i])} tokens)"
