@@ -201,6 +201,10 @@ class Migration:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 detail = f"{self.destination.instance_id}: {exc.details()}"
                 raise Abort("destination_full", detail) from exc
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # D restarted since linking
+                self._service.links.drop(self._link)  # the next migration links afresh
+                detail = f"{self.destination.instance_id}: {exc.details()}"
+                raise Abort("link_failed", detail) from exc
             raise self._rpc_abort("destination_failed", exc) from exc
         self._reserved_tokens = num_kv_tokens
 

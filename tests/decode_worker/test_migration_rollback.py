@@ -50,12 +50,15 @@ class Destination:
         self.aborted: list[str] = []
         self.num_reserves = 0
         self.link_id = "link-test"
+        self.peer_instance_id = "destination"
         self._data: Any = None
         self.tag = 0
 
     # the stub
     def Reserve(self, request: pb.ReserveRequest, timeout: float) -> pb.ReserveReply:
         self.num_reserves += 1
+        if self.fail_at == "stale_link":  # D restarted since the link was made
+            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, "no link link-test here")
         if self.fail_at == "reserve_full" or (self.fail_at == "grow" and self.num_reserves > 1):
             raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, "no room: injected")
         if self.num_reserves > 1:
@@ -121,6 +124,18 @@ class Destination:
         self._data = data
 
 
+class Links(LinkManager):
+    """The source's real LinkManager, recording the links it drops."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.dropped: list[str] = []
+
+    def drop(self, link: Any) -> None:
+        self.dropped.append(link.link_id)
+        super().drop(link)
+
+
 class Source(DecodeService):
     """A real decode service whose peer is the test's Destination; it records outputs."""
 
@@ -170,7 +185,7 @@ def expected(engines, prompts) -> list[int]:
 @pytest.fixture
 def source(engines):
     store, _ = start_store()
-    service = Source(engines[0], LinkManager("source", store))
+    service = Source(engines[0], Links("source", store))
     service.start()
     yield service
     service.stop()
@@ -195,6 +210,7 @@ def wait_finished(source: Source, rid: str) -> str | None:
     ("fail_at", "reason", "paused"),
     [
         ("link", "link_failed", False),
+        ("stale_link", "link_failed", False),
         ("reserve_full", "destination_full", False),
         ("blocks", "destination_failed", False),
         ("grow", "destination_full", True),
@@ -227,6 +243,8 @@ def test_a_failure_at_each_point_leaves_the_request_running_at_the_source(
     source.loop.call(source.engine.check_invariants)
     if paused:
         assert reply.num_kv_tokens > len(prompts[9])
+    if fail_at == "stale_link":
+        assert source.links.dropped == ["link-test"]  # the next migration links afresh
 
 
 def test_a_committed_migration_hands_over_and_the_destination_finishes_it(
