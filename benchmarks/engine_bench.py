@@ -47,18 +47,25 @@ DECODE_PROMPT_LEN = 256
 # ---- the model's work ------------------------------------------------------------------
 
 
-def linear_params(model: torch.nn.Module) -> dict[str, int]:
-    """Weights of the decoder layers' linear projections, and of the lm_head."""
-    layers = model.layers  # type: ignore[union-attr]
-    body = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
-    return {"layers": body, "lm_head": model.lm_head.weight.numel()}  # type: ignore[union-attr]
+def linear_params(cfg: ModelConfig) -> dict[str, int]:
+    """Weights of the decoder layers' linear projections, and of the lm_head.
+
+    Counted from the config: the engine may hold the weights packed for its kernels.
+    """
+    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = (
+        cfg.hidden_size * (q_size + 2 * kv_size)  # qkv_proj
+        + q_size * cfg.hidden_size  # o_proj
+        + 3 * cfg.hidden_size * cfg.intermediate_size  # gate_up_proj, down_proj
+    )
+    return {"layers": cfg.num_layers * per_layer, "lm_head": cfg.vocab_size * cfg.hidden_size}
 
 
-def decode_weight_bytes(model: torch.nn.Module, itemsize: int) -> int:
-    """Bytes one decode step must read: every layer's weights, the final norm, the lm_head."""
-    numel = sum(p.numel() for p in model.layers.parameters())  # type: ignore[union-attr]
-    numel += model.norm.weight.numel() + model.lm_head.weight.numel()  # type: ignore[union-attr]
-    return numel * itemsize
+def decode_weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """Bytes one decode step must read: every layer's weights, the norms, the lm_head."""
+    params = linear_params(cfg)
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+    return (params["layers"] + norms + params["lm_head"]) * itemsize
 
 
 def prefill_flops(cfg: ModelConfig, params: dict[str, int], num_tokens: int) -> int:
@@ -157,16 +164,16 @@ def decode_report(
 # ---- one dtype, the table, the CLI -------------------------------------------------------
 
 
-def load_llm(dtype: str, model: str | None) -> LLM:
-    print(f"[{dtype}] loading the engine", flush=True)
+def load_llm(dtype: str, linear_kernel: str, model: str | None) -> LLM:
+    print(f"[{dtype}] loading the engine ({linear_kernel} linear layers)", flush=True)
     return LLM(
         model=model, dtype=dtype, max_num_batched_tokens=PREFILL_LEN,
-        enable_prefix_caching=False, num_threads=NUM_THREADS,
+        enable_prefix_caching=False, num_threads=NUM_THREADS, linear_kernel=linear_kernel,
     )  # fmt: skip
 
 
-def run_dtype(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
-    llm = load_llm(dtype, args.model)
+def run_dtype(dtype: str, linear_kernel: str, args: argparse.Namespace) -> dict[str, Any]:
+    llm = load_llm(dtype, linear_kernel, args.model)
     engine = llm.engine
     torch_dtype, cfg = engine.config.torch_dtype, engine.model_config
     print(f"[{dtype}] machine limits, first pass", flush=True)
@@ -181,11 +188,13 @@ def run_dtype(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[{dtype}] machine limits, second pass", flush=True)
     passes.append(measure_limits(cfg, torch_dtype, PREFILL_LEN))
     gflops, read_gbs = best_limits(passes)
-    params = linear_params(engine.model)
-    weight_bytes = decode_weight_bytes(engine.model, torch_dtype.itemsize)
+    params = linear_params(engine.model_config)
+    weight_bytes = decode_weight_bytes(engine.model_config, torch_dtype.itemsize)
     kv_per_token = kv_bytes_per_token(cfg, torch_dtype.itemsize)
     prefill = prefill_report(prefill_s, prefill_flops(cfg, params, PREFILL_LEN), gflops)
     return {
+        "dtype": dtype,
+        "linear_kernel": linear_kernel,
         "ceiling_gflops": gflops,
         "read_gbs": read_gbs,
         "limit_passes": passes,
@@ -198,10 +207,10 @@ def run_dtype(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
-    for dtype, r in results.items():
+    for name, r in results.items():
         p = r["prefill"]
         print(
-            f"\n== {dtype}: ceiling {r['ceiling_gflops']:.1f} GFLOP/s, "
+            f"\n== {name}: ceiling {r['ceiling_gflops']:.1f} GFLOP/s, "
             f"read bandwidth {r['read_gbs']:.1f} GB/s"
         )
         print(
@@ -231,6 +240,11 @@ def parse_args() -> argparse.Namespace:
         "--decode-steps", type=int, default=16, help="timed all-decode steps per batch"
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--linear-kernels", nargs="+", choices=["packed", "torch"], default=["packed", "torch"],
+        help="engines to measure: tandem's packed C++ linear layers, and torch's (MKL) as the "
+        "reference in the same run",
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -240,7 +254,11 @@ def main() -> None:
     warn_if_busy()
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
     started = load_average()
-    results = {dtype: run_dtype(dtype, args) for dtype in dtypes}
+    results = {
+        f"{dtype}, {kernel} linear": run_dtype(dtype, kernel, args)
+        for dtype in dtypes
+        for kernel in args.linear_kernels
+    }
     print_table(results)
     meta = {
         **machine_info(),

