@@ -53,7 +53,7 @@ def _forget_gguf_origin(model: torch.nn.Module) -> None:
 
 
 def _generation_config(model: torch.nn.Module, tokenizer: object) -> GenerationConfig:
-    config = model.generation_config  # type: ignore[attr-defined]
+    config: GenerationConfig = getattr(model, "generation_config")  # noqa: B009 (a HF model's)
     eos = getattr(tokenizer, "eos_token_id", None)
     if config.eos_token_id is None and eos is not None:
         config.eos_token_id = eos
