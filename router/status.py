@@ -179,16 +179,39 @@ async def poll_loads(
 ) -> None:
     """Until cancelled, every load_poll_interval_s: each worker's Status, for routing,
     metrics and heartbeats (router.membership), and the router's own queue (in flight,
-    waiting) for the metrics."""
+    waiting) for the metrics.
+
+    Each worker's poll runs on its own: a round waits at most the interval, and a worker
+    whose Status has not answered by then counts as silent this round while its call
+    goes on. So one hung worker delays nobody else's heartbeat (it expires alone)."""
     request = worker_pb2.StatusRequest()
-    while True:
-        polled = list(instances.values())
-        answers = await asyncio.gather(
-            *(poll_status(i, request, config.rpc_timeout_s, loads, metrics) for i in polled)
-        )
-        for instance, answer in zip(polled, answers, strict=True):
-            if answer is not None:
-                instance.unreachable = False
-        await membership.after_poll(zip(polled, answers))
-        metrics.set_router_queue(*router_queue())
-        await asyncio.sleep(config.load_poll_interval_s)
+    in_flight: dict[str, asyncio.Task[InstanceLoad | None]] = {}
+    try:
+        while True:
+            started = time.monotonic()
+            polled = list(instances.values())
+            for instance in polled:
+                if instance.instance_id not in in_flight:
+                    in_flight[instance.instance_id] = asyncio.create_task(
+                        poll_status(instance, request, config.rpc_timeout_s, loads, metrics)
+                    )
+            round_tasks = [in_flight[i.instance_id] for i in polled]
+            await asyncio.wait(round_tasks, timeout=config.load_poll_interval_s)
+            answers: list[InstanceLoad | None] = []
+            for instance, task in zip(polled, round_tasks, strict=True):
+                if not task.done():
+                    answers.append(None)  # silent so far; its call goes on
+                    continue
+                del in_flight[instance.instance_id]
+                answers.append(task.result())
+                if answers[-1] is not None:
+                    instance.unreachable = False
+            for instance_id in in_flight.keys() - instances.keys():  # removed meanwhile
+                in_flight.pop(instance_id).cancel()
+            await membership.after_poll(zip(polled, answers))
+            metrics.set_router_queue(*router_queue())
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.0, config.load_poll_interval_s - elapsed))
+    finally:
+        for task in in_flight.values():
+            task.cancel()

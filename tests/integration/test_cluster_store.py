@@ -175,7 +175,12 @@ def test_a_worker_that_stops_answering_leaves_routing_and_comes_back(workers, cl
     os.kill(stuck.process.pid, signal.SIGSTOP)
     try:
         wait_for(lambda: not _healthy(router.url)["decode-1"], "decode-1 expired", timeout=30)
-        assert len(instance_keys(server, prefix)) == 2
+        # its record goes; the others', heartbeated all along, stay
+        wait_for(lambda: len(instance_keys(server, prefix)) == 2, "decode-1's record removed", 5)
+        assert {k.decode().rsplit(":", 1)[1] for k in instance_keys(server, prefix)} == {
+            "prefill-0",
+            "decode-0",
+        }
         assert greedy_token_ids(router.url, PROMPTS, MAX_TOKENS) == expected  # on decode-0
     finally:
         os.kill(stuck.process.pid, signal.SIGCONT)
