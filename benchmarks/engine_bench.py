@@ -9,7 +9,10 @@ For each dtype, measured in the same run:
              model FLOPs / ceiling / time, as a % of the ceiling;
   decode     engine step time at batch 1, 8 and 32 (~256-token prompts), timed only on
              steps where every request decodes, against the floor
-             (weight bytes + KV bytes read) / bandwidth.
+             (weight bytes as the engine holds them + KV bytes read) / bandwidth.
+
+Each is measured per linear kernel (--linear-kernels): "quantized" (the GGUF's Q4_1/Q8_0
+blocks, dequantized in the kernel), "packed" (float weights) and "torch" (MKL).
 
     python benchmarks/engine_bench.py [--dtype both|float32|bfloat16] [--out PATH]
 """
@@ -34,9 +37,12 @@ from bench_common import (
     write_json,
 )
 from machine_limits import best_limits, measure_limits
+from torch import nn
 
 from engine.config import ModelConfig
 from engine.engine import LLMEngine
+from engine.kernels.packed_linear import PackedLinear, QuantizedLinear
+from engine.models.llama import RMSNorm
 from tandem import LLM, SamplingParams
 
 NUM_THREADS = 2
@@ -61,11 +67,16 @@ def linear_params(cfg: ModelConfig) -> dict[str, int]:
     return {"layers": cfg.num_layers * per_layer, "lm_head": cfg.vocab_size * cfg.hidden_size}
 
 
-def decode_weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    """Bytes one decode step must read: every layer's weights, the norms, the lm_head."""
-    params = linear_params(cfg)
-    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
-    return (params["layers"] + norms + params["lm_head"]) * itemsize
+def decode_weight_bytes(model: nn.Module) -> int:
+    """Bytes one decode step must read: every linear layer's weight as the engine holds
+    it (plain, packed or block-quantized; the lm_head too), and the norms."""
+    kinds = (nn.Linear, PackedLinear, QuantizedLinear, RMSNorm)
+    return sum(
+        tensor.nbytes
+        for module in model.modules()
+        if isinstance(module, kinds)
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    )
 
 
 def prefill_flops(cfg: ModelConfig, params: dict[str, int], num_tokens: int) -> int:
@@ -189,7 +200,7 @@ def run_dtype(dtype: str, linear_kernel: str, args: argparse.Namespace) -> dict[
     passes.append(measure_limits(cfg, torch_dtype, PREFILL_LEN))
     gflops, read_gbs = best_limits(passes)
     params = linear_params(engine.model_config)
-    weight_bytes = decode_weight_bytes(engine.model_config, torch_dtype.itemsize)
+    weight_bytes = decode_weight_bytes(engine.model)
     kv_per_token = kv_bytes_per_token(cfg, torch_dtype.itemsize)
     prefill = prefill_report(prefill_s, prefill_flops(cfg, params, PREFILL_LEN), gflops)
     return {
@@ -241,9 +252,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
-        "--linear-kernels", nargs="+", choices=["packed", "torch"], default=["packed", "torch"],
-        help="engines to measure: tandem's packed C++ linear layers, and torch's (MKL) as the "
-        "reference in the same run",
+        "--linear-kernels", nargs="+", choices=["quantized", "packed", "torch"],
+        default=["quantized", "packed", "torch"],
+        help="engines to measure: tandem's C++ linear layers on the GGUF's quantized blocks "
+        "and on float weights, and torch's (MKL) as the reference in the same run",
     )  # fmt: skip
     return parser.parse_args()
 

@@ -75,7 +75,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
 
-LINEAR_KERNELS = ("auto", "packed", "torch")
+# "quantized": the C++ kernel, weights a GGUF file stores block-quantized kept in their
+# blocks (the rest as "packed"); "packed": the C++ kernel on float weights; "torch": nn.Linear.
+LINEAR_KERNELS = ("auto", "quantized", "packed", "torch")
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "cpu" (C++ kernels) where they build, else "torch"
-    linear_kernel: str = "auto"  # "packed" (C++ kernel) where it builds, else "torch"
+    linear_kernel: str = "auto"  # "quantized" (C++ kernel) where it builds, else "torch"
     num_threads: int | None = None
     seed: int = 0
 

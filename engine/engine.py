@@ -32,7 +32,7 @@ from engine.kv.kv_cache import (
     PagedKVCache,
 )
 from engine.model_runner import ModelRunner
-from engine.models.loader import load_model, read_model_config
+from engine.models.loader import load_block_weights, load_model, read_model_config
 from engine.models.source import resolve_model
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -74,8 +74,11 @@ class LLMEngine(KVTransferMixin):
         limits = [self.config.max_model_len or cfg.max_position_embeddings, cfg.sliding_window]
         self.max_model_len = min(x for x in limits if x)
         self.model = load_model(self.source, self.config.torch_dtype, self.max_model_len)
-        if resolve_linear_kernel(self.config.linear_kernel) == "packed":
-            pack_linears(self.model)
+        linear_kernel = resolve_linear_kernel(self.config.linear_kernel)
+        if linear_kernel != "torch":  # tandem's C++ kernels: linear layers and fused ops
+            blocks = linear_kernel == "quantized"
+            pack_linears(self.model, load_block_weights(self.source, cfg) if blocks else None)
+            self.model.use_fused_ops()
         self.tokenizer = load_tokenizer(self.source)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

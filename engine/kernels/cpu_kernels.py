@@ -26,7 +26,7 @@ from engine import envs
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = [_CSRC / "decode_attention.cpp", _CSRC / "packed_linear.cpp"]
+SOURCES = [_CSRC / "decode_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "packed_linear.cpp"]
 # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header; without it, it runs serially.
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 

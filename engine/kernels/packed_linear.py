@@ -10,14 +10,26 @@ Why: torch's CPU wheels compute `nn.Linear` with MKL, whose small-batch GEMMs
 tenth of the machine's memory bandwidth on the AMD EPYC this was measured on;
 the packed kernel streams each weight once per call whatever the batch, and
 also wins on prefill-sized batches there (benchmarks/engine_bench.py).
+
+`pack_linears(model, blocks)` keeps the weights a GGUF file stores block-quantized
+(engine.models.gguf_format.BlockWeights: Q4_0, Q4_1, Q8_0) in their blocks, as a
+`QuantizedLinear`: 4-bit weights stream from memory at 6 bits instead of 32, and the
+kernel dequantizes them exactly, so the outputs equal the float32 kernel's on the
+dequantized weights, bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
 from torch import nn
 
 from engine.kernels import cpu_kernels
+from engine.models.gguf_format import BLOCK, BlockWeights
+
+PANEL = 16  # output columns per panel (csrc/packed_linear.cpp)
 
 
 class PackedLinear(nn.Module):
@@ -39,26 +51,84 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 
 
+class QuantizedLinear(nn.Module):
+    """`nn.Linear`'s forward from a block-quantized weight, dequantized in the kernel."""
+
+    def __init__(self, blocks: BlockWeights, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = blocks.shape
+        self.kind = blocks.kind
+        codes, scales = pack_block_weights(blocks)
+        self.register_buffer("codes", codes)  # [P, K / 32, 32, 8 or 16]
+        self.register_buffer("scales", scales)  # [P, K / 32, 2, 16]: scale, offset
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, K] -> [T, N]
+        return torch.ops.tandem.quantized_linear(
+            x, self.codes, self.scales, self.out_features, self.bias
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+def pack_block_weights(blocks: BlockWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """BlockWeights -> (codes, scales) in the kernel's panel layout (csrc/packed_linear.cpp):
+    rows padded to whole panels with zero weights, 4-bit codes two to a byte."""
+    n, k = blocks.shape
+    if k % BLOCK:
+        raise ValueError(f"block-quantized weights need K a multiple of {BLOCK}, got {k}")
+    num_panels, num_blocks = -(-n // PANEL), k // BLOCK
+    pad = num_panels * PANEL - n
+
+    def by_panel(a: np.ndarray) -> np.ndarray:  # [N, ...] -> [P, 16, ...], zero rows added
+        return np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
+            num_panels, PANEL, *a.shape[1:]
+        )
+
+    scales = np.stack([by_panel(blocks.scale), by_panel(blocks.offset)], axis=2)  # [P, 16, 2, B]
+    scales = scales.transpose(0, 3, 2, 1)  # [P, B, 2, 16]
+    codes = by_panel(blocks.codes).reshape(num_panels, PANEL, num_blocks, BLOCK)
+    codes = codes.transpose(0, 2, 3, 1)  # [P, B, 32, 16]
+    if blocks.bits == 4:  # column j in the low nibble, column j + 8 in the high one
+        codes = codes[..., : PANEL // 2] | (codes[..., PANEL // 2 :] << 4)
+    return (
+        torch.from_numpy(np.ascontiguousarray(codes)),
+        torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)),
+    )
+
+
 def resolve_linear_kernel(name: str) -> str:
-    """Resolves "auto": "packed" where a compiler can build the C++ kernels, else "torch"."""
+    """Resolves "auto": "quantized" where a compiler can build the C++ kernels, else "torch"."""
     if name != "auto":
         return name
-    return "packed" if cpu_kernels.compiler_available() else "torch"
+    return "quantized" if cpu_kernels.compiler_available() else "torch"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replaces every `nn.Linear` in `model` with a `PackedLinear`; returns how many.
+def pack_linears(model: nn.Module, blocks: Mapping[str, BlockWeights] | None = None) -> int:
+    """Replaces every `nn.Linear` in `model` with a `QuantizedLinear` where `blocks` has
+    its weight (by module name), else a `PackedLinear`; returns how many.
 
     A weight tied to another module (the lm_head to the embedding) is packed as a
     copy; the embedding keeps the original for its row lookups.
     """
     cpu_kernels.load()
+    blocks = blocks or {}
     targets = [
-        (parent, name, child)
-        for parent in model.modules()
+        (f"{prefix}.{name}".lstrip("."), parent, name, child)
+        for prefix, parent in model.named_modules()
         for name, child in parent.named_children()
         if isinstance(child, nn.Linear)
     ]
-    for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child))
+    for path, parent, name, child in targets:
+        if path in blocks:
+            if blocks[path].shape != tuple(child.weight.shape):
+                raise ValueError(
+                    f"{path}: quantized weight {blocks[path].shape} is not the layer's "
+                    f"{tuple(child.weight.shape)}"
+                )
+            setattr(parent, name, QuantizedLinear(blocks[path], child.bias))
+        else:
+            setattr(parent, name, PackedLinear(child))
     return len(targets)

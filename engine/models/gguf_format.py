@@ -1,15 +1,18 @@
-"""Reading a GGUF file: metadata into ModelConfig, tensors (dequantized) into HF names."""
+"""Reading a GGUF file: metadata into ModelConfig, tensors (dequantized) into HF names,
+and the block-quantized ones (Q4_0, Q4_1, Q8_0) also as their blocks, for the
+linear kernel that dequantizes them itself (engine.kernels.packed_linear)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from engine.config import ModelConfig, RopeScaling
@@ -34,6 +37,72 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+BLOCK = 32  # weights per quantization block in the formats below
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """A [N, K] weight as blocks of 32 along K: w[n, k] = scale[n, k // 32] * codes[n, k]
+    + offset[n, k // 32], in float32 with one rounding, exactly what gguf's dequantize
+    gives. Q4_0 and Q4_1 codes are 0-15 (uint8), Q8_0 codes -128-127 (int8)."""
+
+    kind: str  # the GGUF type the blocks came from
+    scale: np.ndarray  # float32 [N, K / 32]
+    offset: np.ndarray  # float32 [N, K / 32]
+    codes: np.ndarray  # uint8 (4-bit values) or int8 [N, K]
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.codes.dtype == np.int8 else 4
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1]
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K]; equal to gguf's dequantize of the blocks."""
+        n, k = self.shape
+        codes = self.codes.reshape(n, k // BLOCK, BLOCK).astype(np.float32)
+        scale, offset = self.scale[..., None], self.offset[..., None]
+        return (scale * codes + offset).reshape(n, k)
+
+
+def concat_block_weights(parts: Sequence[BlockWeights]) -> BlockWeights | None:
+    """The parts stacked along N (a fused projection), or None where their code widths
+    or K differ and no one block layout holds them all."""
+    if len({(p.bits, p.shape[1]) for p in parts}) != 1:
+        return None
+    return BlockWeights(
+        kind="+".join(sorted({p.kind for p in parts})),
+        scale=np.concatenate([p.scale for p in parts]),
+        offset=np.concatenate([p.offset for p in parts]),
+        codes=np.concatenate([p.codes for p in parts]),
+    )
+
+
+def _decode_blocks(kind: GGMLQuantizationType, rows: np.ndarray) -> BlockWeights | None:
+    """rows: the tensor's bytes, uint8 [N, bytes per row] -> its blocks, or None for a
+    type other than Q4_0, Q4_1 and Q8_0."""
+    n = rows.shape[0]
+    if kind == GGMLQuantizationType.Q8_0:  # per block: d (f16), 32 x int8
+        blocks = rows.reshape(n, -1, 2 + BLOCK)
+        scale = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        codes = blocks[..., 2:].copy().view(np.int8).reshape(n, -1)
+        return BlockWeights("Q8_0", scale, np.zeros_like(scale), codes)
+    if kind not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+        return None
+    # per block: d (f16), [m (f16),] 16 bytes: weight i in the low nibble of byte i,
+    # weight 16 + i in its high nibble
+    header = 2 if kind == GGMLQuantizationType.Q4_0 else 4
+    blocks = rows.reshape(n, -1, header + BLOCK // 2)
+    scale = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if kind == GGMLQuantizationType.Q4_0:  # d * (q - 8) = d * q + (-8 d), both exact
+        offset = -8 * scale
+    else:
+        offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., header:]
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
+    return BlockWeights(kind.name, scale, offset, codes)
 
 
 class GGUFModel:
@@ -111,6 +180,25 @@ class GGUFModel:
                 heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
                 tensor = _unpermute_rope_rows(tensor, heads)
             yield name, tensor
+
+    def block_weights(self) -> dict[str, BlockWeights]:
+        """The weights stored block-quantized (Q4_0, Q4_1, Q8_0), by Hugging Face name,
+        q/k rows un-permuted for llama as in tensors()."""
+        cfg = self.config()
+        out = {}
+        for t in self.reader.tensors:
+            blocks = _decode_blocks(t.tensor_type, np.asarray(t.data))
+            if blocks is None:
+                continue
+            name = _hf_name(t.name)
+            if self.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+                order = _unpermute_rope_rows(torch.arange(blocks.shape[0]), heads).numpy()
+                blocks = BlockWeights(
+                    blocks.kind, blocks.scale[order], blocks.offset[order], blocks.codes[order]
+                )
+            out[name] = blocks
+        return out
 
 
 def _hf_name(gguf_name: str) -> str:

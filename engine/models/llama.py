@@ -4,6 +4,10 @@ The model knows nothing of serving. It runs a flat batch of tokens from many
 requests; `attention` is a callable (one step's attention, bound to the KV
 cache and the step's plan) that writes the new keys and values into the paged
 cache and attends over each request's context.
+
+`use_fused_ops()` switches float32 steps to tandem's fused C++ operators
+(csrc/fused_ops.cpp: residual add + RMSNorm, RoPE in place on the q/k/v
+projection); the math is the same, in a few operators a layer instead of ~25.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, as the reference implementations do.
+        if self.fused_ops and x.dtype == torch.float32:
+            return torch.ops.tandem.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -57,16 +64,24 @@ class Attention(nn.Module):
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.output_bias)
+        self.fused_ops = False
 
     def forward(self, x: torch.Tensor, rope: Rope, attention: StepAttention) -> torch.Tensor:
         # x: [T, D]
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, Q + 2KV]
+        fused = self.fused_ops and qkv.dtype == torch.float32
+        if fused:  # q and k rotated in place
+            cos, sin = (t.view(num_tokens, self.head_dim) for t in rope)
+            torch.ops.tandem.rope_qkv_(
+                qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim
+            )
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, k, *rope)
+        if not fused:
+            q, k = apply_rope(q, k, *rope)
         out = attention(self.layer_idx, q, k, v)  # [T, H, Dh]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -96,6 +111,24 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(
+        self,
+        residual: torch.Tensor,
+        normed: torch.Tensor,
+        next_norm: RMSNorm | None,
+        rope: Rope,
+        attention: StepAttention,
+    ) -> torch.Tensor:
+        """forward() on the fused operators: `residual` (x) is updated in place, `normed`
+        is input_layernorm(x); returns next_norm of the layer's output (None: no norm)."""
+        attended = self.self_attn(normed, rope, attention)
+        norm = self.post_attention_layernorm
+        normed = torch.ops.tandem.add_rms_norm_(residual, attended, norm.weight, norm.eps)
+        out = self.mlp(normed)
+        if next_norm is None:
+            return residual.add_(out)
+        return torch.ops.tandem.add_rms_norm_(residual, out, next_norm.weight, next_norm.eps)
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
@@ -108,6 +141,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fused_ops = False
 
     def forward(
         self,
@@ -119,11 +153,35 @@ class LlamaForCausalLM(nn.Module):
         # input_ids, positions: [T] -> hidden states [T, D]
         x = self.embed_tokens(input_ids)
         rope = self.rope.lookup(positions, x.dtype)
+        if self.fused_ops and x.dtype == torch.float32:
+            return self._forward_fused(x, rope, attention, after_layer)
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, attention)
             if after_layer is not None:  # this layer's KV is in the cache
                 after_layer(index)
         return x
+
+    def _forward_fused(
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        attention: StepAttention,
+        after_layer: Callable[[int], None] | None,
+    ) -> torch.Tensor:
+        layers = list(self.layers)
+        normed = layers[0].input_layernorm(x)
+        for index, layer in enumerate(layers):
+            next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else None
+            normed = layer.forward_fused(x, normed, next_norm, rope, attention)
+            if after_layer is not None:  # this layer's KV is in the cache
+                after_layer(index)
+        return x
+
+    def use_fused_ops(self, enabled: bool = True) -> None:
+        """Float32 steps on tandem's fused C++ operators (they must be loaded)."""
+        for module in self.modules():
+            if isinstance(module, (LlamaForCausalLM, Attention, RMSNorm)):
+                module.fused_ops = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, D] -> logits [N, V], always float32 for the sampler

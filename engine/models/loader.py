@@ -13,7 +13,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import UnsupportedModelError
-from engine.models.gguf_format import GGUFModel
+from engine.models.gguf_format import BlockWeights, GGUFModel, concat_block_weights
 from engine.models.hf_format import iter_hf_tensors, read_hf_config
 from engine.models.llama import LlamaForCausalLM
 from engine.models.source import ModelSource
@@ -43,6 +43,33 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int) -> L
     model.rope.build_tables()
     _copy_weights(model, tensors, dtype)
     return model.to(dtype).eval().requires_grad_(False)
+
+
+def load_block_weights(source: ModelSource, cfg: ModelConfig) -> dict[str, BlockWeights]:
+    """The model's linear layers whose weights the checkpoint stores block-quantized, by
+    module name (a fused projection only where all its parts share one block layout).
+    Empty for a safetensors checkpoint."""
+    if source.kind != "gguf":
+        return {}
+    stored = GGUFModel(source.path).block_weights()
+    out: dict[str, BlockWeights] = {}
+    fused_parts = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")}
+    for layer in range(cfg.num_layers):
+        for fused, parts in fused_parts.items():
+            block = fused.split(".")[0]
+            names = [f"layers.{layer}.{block}.{part}_proj.weight" for part in parts]
+            if all(n in stored for n in names):
+                joined = concat_block_weights([stored[n] for n in names])
+                if joined is not None:
+                    out[f"layers.{layer}.{fused}"] = joined
+        for single in ("self_attn.o_proj", "mlp.down_proj"):
+            name = f"layers.{layer}.{single}.weight"
+            if name in stored:
+                out[f"layers.{layer}.{single}"] = stored[name]
+    head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    if head in stored:
+        out["lm_head"] = stored[head]
+    return out
 
 
 def _copy_weights(

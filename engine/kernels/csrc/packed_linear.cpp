@@ -16,12 +16,25 @@
 // kernel of BLIS/GotoBLAS): per k, two weight vectors are loaded, one x value per row
 // broadcast, 2 MR fused multiply-adds. The panel (K x 64 bytes) stays in L1/L2 across
 // the rows of x, so weights come from memory once. Accumulation is in float32.
+//
+// Block-quantized weights (GGUF Q4_1 and Q8_0, as the default model ships) are kept in
+// their blocks of 32 and dequantized inside the kernel, a panel at a time, into a float32
+// panel in L1/L2 that the same micro-kernel then reads: a 4-bit weight costs memory 6
+// bits instead of 32. The dequantized values are exactly those of gguf's dequantize
+// (Q4_1: d * q + m, one rounding, as a fused multiply-add; Q8_0: d * q, exact), so the
+// result equals the float32 kernel's on the dequantized weight, bit for bit.
+//
+// Quantized layout, per panel p of 16 output columns and block b of 32 inputs:
+//   scales[p, b, 0, j] = d, scales[p, b, 1, j] = m (0 for Q8_0) of row 16 p + j, float32
+//   Q4_1 codes[p, b, i, j]  (uint8, j < 8) = q(16p + j, 32b + i) | q(16p + j + 8, 32b + i) << 4
+//   Q8_0 codes[p, b, i, j]  (int8, j < 16) = q(16p + j, 32b + i)
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -140,6 +153,22 @@ void rows_of_panel(const float* x, int64_t M, int64_t K, const w_t* panel, float
   }
 }
 
+// y[:, 16p : 16p + 16] = tile [M, 16] (+ bias), the columns past N left out.
+void write_panel_columns(const float* tile, const float* bias, int64_t M, int64_t N, int64_t p,
+                         float* y) {
+  const int64_t col0 = p * kPanel;
+  const int64_t width = std::min(kPanel, N - col0);
+  for (int64_t r = 0; r < M; ++r) {
+    float* dst = y + r * N + col0;
+    const float* src = tile + r * kPanel;
+    if (bias != nullptr) {
+      for (int64_t j = 0; j < width; ++j) dst[j] = src[j] + bias[col0 + j];
+    } else {
+      std::memcpy(dst, src, width * sizeof(float));
+    }
+  }
+}
+
 template <typename w_t>
 void packed_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                         at::Tensor& y) {
@@ -154,19 +183,113 @@ void packed_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at:
     std::vector<float> tile(M * kPanel);  // [M, 16]: one panel's outputs
     for (int64_t p = begin; p < end; ++p) {
       rows_of_panel(x_data, M, K, w_data + p * K * kPanel, tile.data());
-      const int64_t col0 = p * kPanel;
-      const int64_t width = std::min(kPanel, N - col0);
-      for (int64_t r = 0; r < M; ++r) {
-        float* dst = y_data + r * N + col0;
-        const float* src = tile.data() + r * kPanel;
-        if (bias_data != nullptr) {
-          for (int64_t j = 0; j < width; ++j) dst[j] = src[j] + bias_data[col0 + j];
-        } else {
-          std::memcpy(dst, src, width * sizeof(float));
-        }
-      }
+      write_panel_columns(tile.data(), bias_data, M, N, p, y_data);
     }
   });
+}
+
+constexpr int64_t kBlock = 32;  // inputs per quantization block
+
+// Dequantizes panel p (all K inputs) into dst [K, 16] float32.
+void dequantize_panel(const at::Tensor& codes, const at::Tensor& scales, int64_t p, float* dst) {
+  const int64_t num_blocks = codes.size(1), code_bytes = codes.size(3);
+  const float* sc = scales.data_ptr<float>() + p * num_blocks * 2 * kPanel;
+  if (code_bytes == kPanel / 2) {  // Q4_1: two 4-bit codes a byte
+    const uint8_t* q = codes.data_ptr<uint8_t>() + p * num_blocks * kBlock * code_bytes;
+    for (int64_t b = 0; b < num_blocks; ++b, sc += 2 * kPanel) {
+#ifdef TANDEM_PACKED_LINEAR_AVX2
+      const __m256 d_lo = _mm256_loadu_ps(sc), d_hi = _mm256_loadu_ps(sc + 8);
+      const __m256 m_lo = _mm256_loadu_ps(sc + kPanel), m_hi = _mm256_loadu_ps(sc + kPanel + 8);
+      const __m256i low_nibble = _mm256_set1_epi32(0x0F);
+      for (int64_t i = 0; i < kBlock; ++i, q += 8, dst += kPanel) {
+        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+        const __m256 q_lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low_nibble));
+        const __m256 q_hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+        _mm256_storeu_ps(dst, _mm256_fmadd_ps(d_lo, q_lo, m_lo));
+        _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(d_hi, q_hi, m_hi));
+      }
+#else
+      for (int64_t i = 0; i < kBlock; ++i, q += 8, dst += kPanel) {
+        for (int64_t j = 0; j < 8; ++j) {
+          dst[j] = std::fma(sc[j], static_cast<float>(q[j] & 0x0F), sc[kPanel + j]);
+          dst[j + 8] = std::fma(sc[j + 8], static_cast<float>(q[j] >> 4), sc[kPanel + j + 8]);
+        }
+      }
+#endif
+    }
+  } else {  // Q8_0: one signed 8-bit code a byte, no offset
+    const int8_t* q = codes.data_ptr<int8_t>() + p * num_blocks * kBlock * code_bytes;
+    for (int64_t b = 0; b < num_blocks; ++b, sc += 2 * kPanel) {
+#ifdef TANDEM_PACKED_LINEAR_AVX2
+      const __m256 d_lo = _mm256_loadu_ps(sc), d_hi = _mm256_loadu_ps(sc + 8);
+      for (int64_t i = 0; i < kBlock; ++i, q += kPanel, dst += kPanel) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        const __m256 q_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+        const __m256 q_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+        _mm256_storeu_ps(dst, _mm256_mul_ps(d_lo, q_lo));
+        _mm256_storeu_ps(dst + 8, _mm256_mul_ps(d_hi, q_hi));
+      }
+#else
+      for (int64_t i = 0; i < kBlock; ++i, q += kPanel, dst += kPanel) {
+        for (int64_t j = 0; j < kPanel; ++j) dst[j] = sc[j] * static_cast<float>(q[j]);
+      }
+#endif
+    }
+  }
+}
+
+void quantized_linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                           const at::Tensor& bias, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  const int64_t num_panels = codes.size(0);
+  const float* x_data = x.data_ptr<float>();
+  const float* bias_data = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* y_data = y.data_ptr<float>();
+  at::parallel_for(0, num_panels, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel(K * kPanel);  // one panel, dequantized: [K, 16]
+    std::vector<float> tile(M * kPanel);
+    for (int64_t p = begin; p < end; ++p) {
+      dequantize_panel(codes, scales, p, panel.data());
+      rows_of_panel(x_data, M, K, static_cast<const float*>(panel.data()), tile.data());
+      write_panel_columns(tile.data(), bias_data, M, N, p, y_data);
+    }
+  });
+}
+
+// x [M, K], codes and scales as laid out above, N the weight's rows, bias [N] or None
+// -> y [M, N] in x's dtype.
+at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& codes,
+                            const at::Tensor& scales, int64_t N,
+                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "quantized_linear: x must be [M, K], got ", x.sizes());
+  const bool q4 = codes.scalar_type() == at::kByte && codes.dim() == 4 &&
+                  codes.size(3) == kPanel / 2;
+  const bool q8 = codes.scalar_type() == at::kChar && codes.dim() == 4 && codes.size(3) == kPanel;
+  TORCH_CHECK((q4 || q8) && codes.size(2) == kBlock && codes.is_contiguous(),
+              "quantized_linear: codes must be uint8 [P, K/32, 32, 8] (Q4_1) or int8 "
+              "[P, K/32, 32, 16] (Q8_0), got ", codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 4 &&
+                  scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) &&
+                  scales.size(2) == 2 && scales.size(3) == kPanel,
+              "quantized_linear: scales must be float32 [P, K/32, 2, 16] matching the codes");
+  TORCH_CHECK(x.size(1) == codes.size(1) * kBlock, "quantized_linear: x has K = ", x.size(1),
+              " but the weight ", codes.size(1) * kBlock);
+  TORCH_CHECK(N > (codes.size(0) - 1) * kPanel && N <= codes.size(0) * kPanel,
+              "quantized_linear: N = ", N, " does not match the quantized weight");
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  at::Tensor bias32;
+  if (bias.has_value() && bias->defined()) bias32 = bias->to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  if (x.size(0) > 0) quantized_linear_impl(x32, codes, scales, bias32, y);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// codes and scales -> the float32 weight [N, K] they hold (for tests and inspection).
+at::Tensor dequantize_linear_weight(const at::Tensor& codes, const at::Tensor& scales, int64_t N) {
+  const int64_t P = codes.size(0), K = codes.size(1) * kBlock;
+  at::Tensor packed = at::empty({P, K, kPanel}, scales.options());
+  for (int64_t p = 0; p < P; ++p) dequantize_panel(codes, scales, p, packed[p].data_ptr<float>());
+  return packed.transpose(1, 2).reshape({P * kPanel, K}).narrow(0, 0, N).contiguous();
 }
 
 // weight [N, K] -> packed [ceil(N / 16), K, 16] in the same dtype.
@@ -217,9 +340,13 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 TORCH_LIBRARY_FRAGMENT(tandem, m) {
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
+  m.def("quantized_linear(Tensor x, Tensor codes, Tensor scales, int n, Tensor? bias) -> Tensor");
+  m.def("dequantize_linear_weight(Tensor codes, Tensor scales, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
   m.impl("packed_linear", &packed_linear);
+  m.impl("quantized_linear", &quantized_linear);
+  m.impl("dequantize_linear_weight", &dequantize_linear_weight);
 }

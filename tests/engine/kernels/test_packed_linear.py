@@ -90,6 +90,6 @@ def test_pack_linears_swaps_every_linear_and_keeps_the_outputs():
     assert isinstance(model.embed.weight, nn.Parameter) and model.embed.weight.shape == (50, 24)
 
 
-def test_auto_resolves_to_the_packed_kernel_where_it_builds():
-    assert resolve_linear_kernel("auto") == "packed"
+def test_auto_resolves_to_the_quantized_kernel_where_it_builds():
+    assert resolve_linear_kernel("auto") == "quantized"
     assert resolve_linear_kernel("torch") == "torch"

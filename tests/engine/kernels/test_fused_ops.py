@@ -1,0 +1,98 @@
+"""The fused C++ operators compute what the model's torch operators compute: RMSNorm,
+the residual add before it, and RoPE on the q and k heads of the fused projection;
+bad shapes are refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import RopeScaling
+from engine.kernels import cpu_kernels
+from engine.models.llama import RMSNorm
+from engine.models.rope import RotaryEmbedding, apply_rope
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels() -> None:
+    cpu_kernels.load()
+
+
+def _norm(dim: int, seed: int) -> RMSNorm:
+    norm = RMSNorm(dim, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=torch.Generator().manual_seed(seed)))
+    return norm
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 40])
+def test_rms_norm_matches_the_torch_module(num_rows):
+    norm = _norm(576, num_rows)
+    x = torch.randn(num_rows, 576) * 3
+    expected = norm(x)
+    norm.fused_ops = True
+    torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_rows", [1, 17])
+def test_add_rms_norm_updates_the_residual_and_normalizes_the_sum(num_rows):
+    norm = _norm(64, 7)
+    residual, x = torch.randn(num_rows, 64), torch.randn(num_rows, 64)
+    total = residual + x
+    y = torch.ops.tandem.add_rms_norm_(residual, x, norm.weight, norm.eps)
+    assert torch.equal(residual, total)
+    torch.testing.assert_close(y, norm(total), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (4, 4)])
+def test_rope_in_place_matches_apply_rope_and_leaves_v_alone(num_heads, num_kv_heads):
+    head_dim, num_tokens = 64, 11
+    rope = RotaryEmbedding(head_dim, 4096, 10000.0, RopeScaling())
+    positions = torch.tensor([0, 1, 2, 5, 100, 4095, 7, 7, 3000, 12, 1])
+    cos, sin = rope.lookup(positions, torch.float32)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.clone().split([q_size, kv_size, kv_size], dim=-1)
+    q_ref, k_ref = apply_rope(
+        q.reshape(num_tokens, num_heads, head_dim),
+        k.reshape(num_tokens, num_kv_heads, head_dim),
+        cos,
+        sin,
+    )
+    torch.ops.tandem.rope_qkv_(
+        qkv, cos.view(num_tokens, head_dim), sin.view(num_tokens, head_dim),
+        num_heads, num_kv_heads, head_dim,
+    )  # fmt: skip
+    q_out, k_out, v_out = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    torch.testing.assert_close(q_out, q_ref.reshape(num_tokens, -1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_out, k_ref.reshape(num_tokens, -1), rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_out, v)
+
+
+def test_bad_shapes_are_refused_with_the_reason():
+    weight = torch.ones(8)
+    with pytest.raises(RuntimeError, match=r"weight must be float32 \[9\]"):
+        torch.ops.tandem.rms_norm(torch.randn(2, 9), weight, 1e-5)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        torch.ops.tandem.rms_norm(torch.randn(2, 8, dtype=torch.float64), weight, 1e-5)
+    with pytest.raises(RuntimeError, match="add_rms_norm_: x must be"):
+        torch.ops.tandem.add_rms_norm_(torch.randn(2, 8), torch.randn(3, 8), weight, 1e-5)
+    with pytest.raises(RuntimeError, match="qkv must be a contiguous float32"):
+        torch.ops.tandem.rope_qkv_(torch.randn(2, 100), torch.ones(2, 4), torch.ones(2, 4), 2, 1, 4)
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        torch.ops.tandem.rope_qkv_(torch.randn(2, 16), torch.ones(3, 4), torch.ones(3, 4), 2, 1, 4)
+
+
+def test_the_fused_engine_gives_the_torch_engines_tokens(model_path, prompts):
+    """Greedy tokens from the engine on its C++ operators (quantized linear layers, fused
+    norms and RoPE) and on torch's alone, for prompts of 1 to 512 tokens."""
+    from tandem import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0)
+    chosen = [p for p in prompts if len(p) <= 512][::2]
+    outputs = {}
+    for kernel in ("auto", "torch"):
+        llm = LLM(str(model_path), dtype="float32", linear_kernel=kernel, num_blocks=128)
+        assert llm.engine.model.fused_ops == (kernel == "auto")
+        outputs[kernel] = [o.token_ids for o in llm.generate(chosen, params)]
+    assert outputs["auto"] == outputs["torch"]
