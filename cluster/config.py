@@ -285,6 +285,12 @@ class TandemConfig(_Model):
     attention_backend: Literal["auto", "cpu", "torch"] = Field(
         default="auto", description="auto: the C++ CPU kernel where it builds, else torch"
     )
+    linear_kernel: Literal["auto", "quantized", "packed", "torch"] = Field(
+        default="auto",
+        description="linear layers: quantized (C++ kernel on a GGUF's Q4_0/Q4_1/Q8_0 blocks, "
+        "dequantized exactly), packed (C++ kernel on float weights) or torch; auto: "
+        "quantized where the C++ kernels build, else torch",
+    )
     slo_classes: dict[str, SLOClass] = Field(
         default_factory=lambda: {"default": SLOClass(ttft_ms=1000, tpot_ms=100)},
         description="SLO classes by name; requests are judged against 'default' for now",

@@ -48,6 +48,7 @@ FLAG_PATHS: dict[str, tuple[str, ...]] = {
     ),
     "kv_cache_gb": ("pools.prefill.kv_cache_gb", "pools.decode.kv_cache_gb"),
     "attention_backend": ("attention_backend",),
+    "linear_kernel": ("linear_kernel",),
     "policy": ("router.policy",),
     "grpc_tls_cert": ("router.grpc_tls_cert",),
     "grpc_tls_key": ("router.grpc_tls_key",),
@@ -126,6 +127,7 @@ def deployment_options(config: TandemConfig, source: str = "config") -> Deployme
         max_num_batched_tokens=decode.max_num_batched_tokens,
         kv_cache_memory_bytes=int(decode.kv_cache_gb * (1 << 30)),
         attention_backend=config.attention_backend,
+        linear_kernel=config.linear_kernel,
         start_timeout=config.ray.start_timeout_s,
     )
 

@@ -47,6 +47,7 @@ class DeploymentOptions:
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
+    linear_kernel: str = "auto"
     # Ray: all workers in one STRICT_PACK placement group, on one node. None: pack when
     # Ray runs on this machine alone (no ray_address), so the workers share its cores.
     pack: bool | None = None
@@ -89,6 +90,7 @@ class DeploymentOptions:
             "num_blocks": self.num_blocks,
             "enable_prefix_caching": self.enable_prefix_caching,
             "attention_backend": self.attention_backend,
+            "linear_kernel": self.linear_kernel,
         }
         if self.mode == "colocated":
             return [

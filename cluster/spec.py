@@ -32,6 +32,7 @@ class WorkerSpec:
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
+    linear_kernel: str = "auto"
     max_model_len: int | None = None
     deadlines: dict[str, float] = field(default_factory=dict)  # prefill: reserve/transfer/...
     kv_layer_groups: int = 3  # prefill: the final chunk's KV leaves in this many layer groups
@@ -69,5 +70,6 @@ class WorkerSpec:
             "num_blocks": self.num_blocks,
             "enable_prefix_caching": self.enable_prefix_caching,
             "attention_backend": self.attention_backend,
+            "linear_kernel": self.linear_kernel,
             "max_model_len": self.max_model_len,
         }

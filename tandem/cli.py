@@ -86,6 +86,11 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
         help="auto: the C++ CPU kernel where a compiler builds it, else torch",
     )  # fmt: skip
+    serve.add_argument(
+        "--linear-kernel", default="auto", choices=["auto", "quantized", "packed", "torch"],
+        help="auto: quantized (C++ kernel on the GGUF's quantized blocks) where a compiler "
+        "builds it, else torch",
+    )  # fmt: skip
     from router.server import add_front_door_arguments
 
     add_front_door_arguments(serve)

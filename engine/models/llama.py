@@ -13,7 +13,7 @@ projection); the math is the same, in a few operators a layer instead of ~25.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
         attention: StepAttention,
         after_layer: Callable[[int], None] | None,
     ) -> torch.Tensor:
-        layers = list(self.layers)
+        layers = [cast(DecoderLayer, layer) for layer in self.layers]
         normed = layers[0].input_layernorm(x)
         for index, layer in enumerate(layers):
             next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else None

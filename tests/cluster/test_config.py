@@ -151,6 +151,14 @@ def test_flags_override_the_file_and_leave_the_rest() -> None:
     assert apply_overrides(TandemConfig(), {"store.kind": "memory"}) == TandemConfig()
 
 
+def test_the_linear_kernel_flag_reaches_every_workers_engine() -> None:
+    config = apply_overrides(TandemConfig(), overrides_from_flags({"linear_kernel": "packed"}))
+    specs = deployment_options(config).worker_specs("127.0.0.1:1")
+    assert {spec.engine_kwargs()["linear_kernel"] for spec in specs} == {"packed"}
+    with pytest.raises(ConfigError, match="linear_kernel"):
+        apply_overrides(TandemConfig(), {"linear_kernel": "fast"})
+
+
 def test_a_bad_override_is_refused_like_a_bad_file() -> None:
     with pytest.raises(ConfigError) as caught:
         apply_overrides(TandemConfig(), {"pools.decode.instances": 0, "router.polic": "x"})
