@@ -74,7 +74,7 @@ class LLMEngine(KVTransferMixin):
         limits = [self.config.max_model_len or cfg.max_position_embeddings, cfg.sliding_window]
         self.max_model_len = min(x for x in limits if x)
         self.model = load_model(self.source, self.config.torch_dtype, self.max_model_len)
-        linear_kernel = resolve_linear_kernel(self.config.linear_kernel)
+        linear_kernel = resolve_linear_kernel(self.config.linear_kernel, self.config.torch_dtype)
         if linear_kernel != "torch":  # tandem's C++ kernels: linear layers and fused ops
             blocks = linear_kernel == "quantized"
             pack_linears(self.model, load_block_weights(self.source, cfg) if blocks else None)

@@ -5,7 +5,7 @@ requests; `attention` is a callable (one step's attention, bound to the KV
 cache and the step's plan) that writes the new keys and values into the paged
 cache and attends over each request's context.
 
-`use_fused_ops()` switches float32 steps to tandem's fused C++ operators
+`use_fused_ops()` switches float32 and bfloat16 steps to tandem's fused C++ operators
 (csrc/fused_ops.cpp: residual add + RMSNorm, RoPE in place on the q/k/v
 projection); the math is the same, in a few operators a layer instead of ~25.
 """
@@ -23,6 +23,7 @@ from engine.config import ModelConfig
 from engine.models.rope import RotaryEmbedding, apply_rope
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each [T, 1, Dh]
+FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what csrc/fused_ops.cpp computes
 
 
 class StepAttention(Protocol):
@@ -42,7 +43,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, as the reference implementations do.
-        if self.fused_ops and x.dtype == torch.float32:
+        if self.fused_ops and x.dtype in FUSED_DTYPES:
             return torch.ops.tandem.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.to(torch.float32)
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         # x: [T, D]
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, Q + 2KV]
-        fused = self.fused_ops and qkv.dtype == torch.float32
+        fused = self.fused_ops and qkv.dtype in FUSED_DTYPES
         if fused:  # q and k rotated in place
             cos, sin = (t.view(num_tokens, self.head_dim) for t in rope)
             torch.ops.tandem.rope_qkv_(
@@ -153,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
         # input_ids, positions: [T] -> hidden states [T, D]
         x = self.embed_tokens(input_ids)
         rope = self.rope.lookup(positions, x.dtype)
-        if self.fused_ops and x.dtype == torch.float32:
+        if self.fused_ops and x.dtype in FUSED_DTYPES:
             return self._forward_fused(x, rope, attention, after_layer)
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, attention)
@@ -178,7 +179,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def use_fused_ops(self, enabled: bool = True) -> None:
-        """Float32 steps on tandem's fused C++ operators (they must be loaded)."""
+        """Steps on tandem's fused C++ operators (they must be loaded)."""
         for module in self.modules():
             if isinstance(module, (LlamaForCausalLM, Attention, RMSNorm)):
                 module.fused_ops = enabled

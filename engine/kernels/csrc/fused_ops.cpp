@@ -9,8 +9,8 @@
 //                                fused projection's output [T, (H + 2 KVH) D], in place;
 //                                cos, sin: each token's row of the tables, [T, D]
 //
-// float32 only (the model keeps torch's operators for other dtypes). Sums of squares are
-// taken in double, so the norm does not depend on the order the terms are added in.
+// float32 or bfloat16 tensors (one dtype per call), computed in float32 and rounded once.
+// Sums of squares are taken in double, so the norm does not depend on their order.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,90 +20,135 @@
 
 namespace {
 
-void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
-              ": x must be a contiguous float32 [T, D], got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) &&
-                  weight.scalar_type() == at::kFloat && weight.is_contiguous(),
-              op, ": weight must be float32 [", x.size(1), "], got ", weight.sizes());
+bool supported(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
 
-inline void normalize_row(const float* h, const float* w, float eps, int64_t D, float* y) {
+void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && supported(x) && x.is_contiguous(), op,
+              ": x must be a contiguous float32 or bfloat16 [T, D], got ", x.scalar_type(), " ",
+              x.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type() && weight.is_contiguous(),
+              op, ": weight must be ", x.scalar_type(), " [", x.size(1), "], got ",
+              weight.scalar_type(), " ", weight.sizes());
+}
+
+template <typename T>
+inline void normalize_row(const T* h, const T* w, float eps, int64_t D, T* y) {
   double sum = 0.0;
-  for (int64_t i = 0; i < D; ++i) sum += static_cast<double>(h[i]) * h[i];
+  for (int64_t i = 0; i < D; ++i) {
+    const double v = static_cast<float>(h[i]);
+    sum += v * v;
+  }
   const float inv = 1.0f / std::sqrt(static_cast<float>(sum / D) + eps);
-  for (int64_t i = 0; i < D; ++i) y[i] = w[i] * (h[i] * inv);
+  for (int64_t i = 0; i < D; ++i) {
+    y[i] = static_cast<T>(static_cast<float>(w[i]) * (static_cast<float>(h[i]) * inv));
+  }
+}
+
+template <typename T>
+void rms_norm_impl(const at::Tensor& x, const at::Tensor& weight, float eps, at::Tensor& y) {
+  const int64_t T_ = x.size(0), D = x.size(1);
+  const T* xd = x.data_ptr<T>();
+  const T* wd = weight.data_ptr<T>();
+  T* yd = y.data_ptr<T>();
+  at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) normalize_row(xd + t * D, wd, eps, D, yd + t * D);
+  });
+}
+
+template <typename T>
+void add_rms_norm_impl(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                       float eps, at::Tensor& y) {
+  const int64_t T_ = residual.size(0), D = residual.size(1);
+  T* hd = residual.data_ptr<T>();
+  const T* xd = x.data_ptr<T>();
+  const T* wd = weight.data_ptr<T>();
+  T* yd = y.data_ptr<T>();
+  at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      T* h = hd + t * D;
+      const T* a = xd + t * D;
+      for (int64_t i = 0; i < D; ++i) {
+        h[i] = static_cast<T>(static_cast<float>(h[i]) + static_cast<float>(a[i]));
+      }
+      normalize_row(h, wd, eps, D, yd + t * D);
+    }
+  });
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, weight, "rms_norm");
-  const int64_t T = x.size(0), D = x.size(1);
   at::Tensor y = at::empty_like(x);
-  const float* xd = x.data_ptr<float>();
-  const float* wd = weight.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      normalize_row(xd + t * D, wd, static_cast<float>(eps), D, yd + t * D);
-    }
-  });
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_impl<float>(x, weight, static_cast<float>(eps), y);
+  } else {
+    rms_norm_impl<at::BFloat16>(x, weight, static_cast<float>(eps), y);
+  }
   return y;
 }
 
 at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
                          double eps) {
   check_rows(residual, weight, "add_rms_norm_");
-  TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == at::kFloat &&
+  TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type() &&
                   x.is_contiguous(),
-              "add_rms_norm_: x must be a contiguous float32 ", residual.sizes(), ", got ",
-              x.sizes());
-  const int64_t T = residual.size(0), D = residual.size(1);
+              "add_rms_norm_: x must be a contiguous ", residual.scalar_type(), " ",
+              residual.sizes(), ", got ", x.scalar_type(), " ", x.sizes());
   at::Tensor y = at::empty_like(residual);
-  float* hd = residual.data_ptr<float>();
-  const float* xd = x.data_ptr<float>();
-  const float* wd = weight.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      float* h = hd + t * D;
-      const float* a = xd + t * D;
-      for (int64_t i = 0; i < D; ++i) h[i] += a[i];
-      normalize_row(h, wd, static_cast<float>(eps), D, yd + t * D);
-    }
-  });
+  if (x.scalar_type() == at::kFloat) {
+    add_rms_norm_impl<float>(residual, x, weight, static_cast<float>(eps), y);
+  } else {
+    add_rms_norm_impl<at::BFloat16>(residual, x, weight, static_cast<float>(eps), y);
+  }
   return y;
 }
 
-void rope_qkv_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads,
-               int64_t num_kv_heads, int64_t head_dim) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() &&
-                  qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim,
-              "rope_qkv_: qkv must be a contiguous float32 [T, (H + 2 KVH) D], got ",
-              qkv.sizes());
-  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == qkv.size(0) &&
-                  cos.size(1) == head_dim && cos.scalar_type() == at::kFloat &&
-                  sin.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous(),
-              "rope_qkv_: cos and sin must be contiguous float32 [T, D], got ", cos.sizes());
-  TORCH_CHECK(head_dim % 2 == 0, "rope_qkv_: head_dim must be even, got ", head_dim);
-  const int64_t T = qkv.size(0), width = qkv.size(1), half = head_dim / 2;
-  const int64_t rotated_heads = num_heads + num_kv_heads;  // q's, then k's; v is left alone
-  float* data = qkv.data_ptr<float>();
-  const float* cos_d = cos.data_ptr<float>();
-  const float* sin_d = sin.data_ptr<float>();
-  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+template <typename T>
+void rope_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+               int64_t rotated_heads, int64_t head_dim) {
+  const int64_t T_ = qkv.size(0), width = qkv.size(1), half = head_dim / 2;
+  T* data = qkv.data_ptr<T>();
+  const T* cos_d = cos.data_ptr<T>();
+  const T* sin_d = sin.data_ptr<T>();
+  at::parallel_for(0, T_, 8, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const float* c = cos_d + t * head_dim;
-      const float* s = sin_d + t * head_dim;
+      const T* c = cos_d + t * head_dim;
+      const T* s = sin_d + t * head_dim;
       for (int64_t h = 0; h < rotated_heads; ++h) {
-        float* v = data + t * width + h * head_dim;
+        T* v = data + t * width + h * head_dim;
         for (int64_t i = 0; i < half; ++i) {
-          const float x1 = v[i], x2 = v[i + half];
-          v[i] = x1 * c[i] - x2 * s[i];
-          v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+          const float x1 = static_cast<float>(v[i]), x2 = static_cast<float>(v[i + half]);
+          const float c1 = static_cast<float>(c[i]), c2 = static_cast<float>(c[i + half]);
+          const float s1 = static_cast<float>(s[i]), s2 = static_cast<float>(s[i + half]);
+          v[i] = static_cast<T>(x1 * c1 - x2 * s1);
+          v[i + half] = static_cast<T>(x2 * c2 + x1 * s2);
         }
       }
     }
   });
+}
+
+void rope_qkv_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads,
+               int64_t num_kv_heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.dim() == 2 && supported(qkv) && qkv.is_contiguous() &&
+                  qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim,
+              "rope_qkv_: qkv must be a contiguous float32 or bfloat16 [T, (H + 2 KVH) D], got ",
+              qkv.sizes());
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == qkv.size(0) &&
+                  cos.size(1) == head_dim && cos.scalar_type() == qkv.scalar_type() &&
+                  sin.scalar_type() == qkv.scalar_type() && cos.is_contiguous() &&
+                  sin.is_contiguous(),
+              "rope_qkv_: cos and sin must be contiguous [T, D] in qkv's dtype, got ",
+              cos.sizes());
+  TORCH_CHECK(head_dim % 2 == 0, "rope_qkv_: head_dim must be even, got ", head_dim);
+  const int64_t rotated_heads = num_heads + num_kv_heads;  // q's, then k's; v is left alone
+  if (qkv.scalar_type() == at::kFloat) {
+    rope_impl<float>(qkv, cos, sin, rotated_heads, head_dim);
+  } else {
+    rope_impl<at::BFloat16>(qkv, cos, sin, rotated_heads, head_dim);
+  }
 }
 
 }  // namespace

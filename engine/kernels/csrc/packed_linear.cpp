@@ -17,6 +17,13 @@
 // broadcast, 2 MR fused multiply-adds. The panel (K x 64 bytes) stays in L1/L2 across
 // the rows of x, so weights come from memory once. Accumulation is in float32.
 //
+// bfloat16 weights on a CPU with AVX512_BF16 (vdpbf16ps: two bfloat16 products added into
+// a float32 lane) are laid in pairs of k instead, [num_panels, K / 2, 16, 2] (K even), so one
+// instruction does 32 multiply-adds; x is rounded to bfloat16 (the engine's activations
+// already are in that dtype) and the sums stay float32.
+//
+//   packed[p, i, j, e] = W[16 p + j, 2 i + e]    (0 past N)
+//
 // Block-quantized weights (GGUF Q4_1 and Q8_0, as the default model ships) are kept in
 // their blocks of 32 and dequantized inside the kernel, a panel at a time, into a float32
 // panel in L1/L2 that the same micro-kernel then reads: a 4-bit weight costs memory 6
@@ -130,6 +137,73 @@ inline void micro_kernel(const float* x, int64_t ldx, const w_t* panel, int64_t 
     }
   }
   std::memcpy(out, acc, sizeof(acc));
+}
+
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define TANDEM_PACKED_LINEAR_BF16_PAIRS 1
+
+constexpr int64_t kMaxPairRows = 8;  // rows of x per bfloat16 micro-kernel call
+
+// out[r, 0:16] = x[r, :] . panel for r < MR: x bfloat16 with K2 pairs a row (ldx pairs
+// apart), panel [K2, 16, 2]. One accumulator a row, so with few rows the pairs are
+// split into U interleaved partial sums to keep about 8 dot products in flight.
+template <int MR>
+inline void pair_kernel(const uint32_t* x, int64_t ldx, const at::BFloat16* panel, int64_t K2,
+                        float* out) {
+  constexpr int U = MR >= 8 ? 1 : (8 + MR - 1) / MR;
+  __m512 acc[U][MR];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[u][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + U <= K2; i += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(panel + (i + u) * 2 * kPanel);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * ldx + i + u]));
+        acc[u][r] = _mm512_dpbf16_ps(acc[u][r], a, w);
+      }
+    }
+  }
+  for (; i < K2; ++i) {
+    const __m512bh w = (__m512bh)_mm512_loadu_si512(panel + i * 2 * kPanel);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * ldx + i]));
+      acc[0][r] = _mm512_dpbf16_ps(acc[0][r], a, w);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int u = 1; u < U; ++u) acc[0][r] = _mm512_add_ps(acc[0][r], acc[u][r]);
+    _mm512_storeu_ps(out + r * kPanel, acc[0][r]);
+  }
+}
+
+void rows_of_pair_panel(const uint32_t* x, int64_t M, int64_t K2, const at::BFloat16* panel,
+                        float* out) {
+  int64_t r = 0;
+  for (; r + kMaxPairRows <= M; r += kMaxPairRows) {
+    pair_kernel<kMaxPairRows>(x + r * K2, K2, panel, K2, out + r * kPanel);
+  }
+  const uint32_t* x_rest = x + r * K2;
+  float* out_rest = out + r * kPanel;
+  switch (M - r) {
+    case 7: pair_kernel<7>(x_rest, K2, panel, K2, out_rest); break;
+    case 6: pair_kernel<6>(x_rest, K2, panel, K2, out_rest); break;
+    case 5: pair_kernel<5>(x_rest, K2, panel, K2, out_rest); break;
+    case 4: pair_kernel<4>(x_rest, K2, panel, K2, out_rest); break;
+    case 3: pair_kernel<3>(x_rest, K2, panel, K2, out_rest); break;
+    case 2: pair_kernel<2>(x_rest, K2, panel, K2, out_rest); break;
+    case 1: pair_kernel<1>(x_rest, K2, panel, K2, out_rest); break;
+    default: break;
+  }
 }
 
 #endif
@@ -292,7 +366,30 @@ at::Tensor dequantize_linear_weight(const at::Tensor& codes, const at::Tensor& s
   return packed.transpose(1, 2).reshape({P * kPanel, K}).narrow(0, 0, N).contiguous();
 }
 
-// weight [N, K] -> packed [ceil(N / 16), K, 16] in the same dtype.
+#ifdef TANDEM_PACKED_LINEAR_BF16_PAIRS
+// x [M, K] in any float dtype, rounded to bfloat16, against the pair layout.
+void pair_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
+                      at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  const int64_t num_panels = packed.size(0), K2 = packed.size(1);
+  TORCH_CHECK(2 * K2 == K, "packed_linear: the pair layout needs an even K, got ", K);
+  const at::Tensor x16 = x.to(at::kBFloat16).contiguous();
+  const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x16.data_ptr<at::BFloat16>());
+  const at::BFloat16* w_data = packed.data_ptr<at::BFloat16>();
+  const float* bias_data = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* y_data = y.data_ptr<float>();
+  at::parallel_for(0, num_panels, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(M * kPanel);
+    for (int64_t p = begin; p < end; ++p) {
+      rows_of_pair_panel(x_pairs, M, K2, w_data + p * K2 * 2 * kPanel, tile.data());
+      write_panel_columns(tile.data(), bias_data, M, N, p, y_data);
+    }
+  });
+}
+#endif
+
+// weight [N, K] -> packed [ceil(N / 16), K, 16] in the same dtype; bfloat16 weights on an
+// AVX512_BF16 build and an even K: [ceil(N / 16), K / 2, 32], the pair layout.
 at::Tensor pack_linear_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "pack_linear_weight: weight must be [N, K], got ",
               weight.sizes());
@@ -301,6 +398,18 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
               weight.scalar_type());
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
+#ifdef TANDEM_PACKED_LINEAR_BF16_PAIRS
+  if (weight.scalar_type() == at::kBFloat16 && K % 2 == 0) {  // odd K: the layout below
+    const int64_t K2 = K / 2;
+    at::Tensor padded = at::zeros({num_panels * kPanel, K}, weight.options());
+    padded.narrow(0, 0, N).copy_(weight);
+    // [P*16, 2*K2] -> [P, 16, K2, 2] -> [P, K2, 16, 2]
+    return padded.view({num_panels, kPanel, K2, 2})
+        .permute({0, 2, 1, 3})
+        .contiguous()
+        .view({num_panels, K2, 2 * kPanel});
+  }
+#endif
   at::Tensor padded = weight;
   if (num_panels * kPanel != N) {
     padded = at::zeros({num_panels * kPanel, K}, weight.options());
@@ -315,21 +424,28 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N,
                          const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "packed_linear: x must be [M, K], got ", x.sizes());
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous(),
+  const bool pairs = packed.dim() == 3 && packed.size(2) == 2 * kPanel &&
+                     packed.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(packed.dim() == 3 && (packed.size(2) == kPanel || pairs) && packed.is_contiguous(),
               "packed_linear: weight must come from pack_linear_weight");
-  TORCH_CHECK(packed.size(1) == x.size(1), "packed_linear: x has K = ", x.size(1),
-              " but the weight ", packed.size(1));
+  const int64_t weight_k = pairs ? 2 * packed.size(1) : packed.size(1);
+  TORCH_CHECK(weight_k == x.size(1), "packed_linear: x has K = ", x.size(1), " but the weight ", weight_k);
   TORCH_CHECK(N > (packed.size(0) - 1) * kPanel && N <= packed.size(0) * kPanel,
               "packed_linear: N = ", N, " does not match the packed weight");
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor bias32;
   if (bias.has_value() && bias->defined()) bias32 = bias->to(at::kFloat).contiguous();
   at::Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   if (x.size(0) > 0) {
-    if (packed.scalar_type() == at::kBFloat16) {
-      packed_linear_impl<at::BFloat16>(x32, packed, bias32, y);
+    if (pairs) {
+#ifdef TANDEM_PACKED_LINEAR_BF16_PAIRS
+      pair_linear_impl(x, packed, bias32, y);
+#else
+      TORCH_CHECK(false, "packed_linear: this weight was packed for AVX512_BF16, not built here");
+#endif
+    } else if (packed.scalar_type() == at::kBFloat16) {
+      packed_linear_impl<at::BFloat16>(x.to(at::kFloat).contiguous(), packed, bias32, y);
     } else {
-      packed_linear_impl<float>(x32, packed, bias32, y);
+      packed_linear_impl<float>(x.to(at::kFloat).contiguous(), packed, bias32, y);
     }
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

@@ -34,12 +34,18 @@ def test_matches_f_linear_in_float32(num_rows, in_features, out_features):
         torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("num_rows", [1, 4, 9])
-def test_bfloat16_weights_accumulate_in_float32(num_rows):
+# On a CPU with AVX512_BF16, bfloat16 weights with an even K take the pair layout, whose
+# micro-kernel is 8 rows wide (8, 13 = 8 + 5, 64); K = 7 keeps the widening layout.
+@pytest.mark.parametrize("num_rows", [1, 4, 8, 9, 13, 64])
+@pytest.mark.parametrize("in_features", [576, 7])
+def test_bfloat16_weights_accumulate_in_float32(num_rows, in_features):
     generator = torch.Generator().manual_seed(num_rows)
-    x = torch.randn(num_rows, 576, generator=generator).to(torch.bfloat16)
-    weight = torch.randn(100, 576, generator=generator).to(torch.bfloat16)
-    y = torch.ops.tandem.packed_linear(x, torch.ops.tandem.pack_linear_weight(weight), 100, None)
+    x = torch.randn(num_rows, in_features, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(100, in_features, generator=generator).to(torch.bfloat16)
+    packed = torch.ops.tandem.pack_linear_weight(weight)
+    if in_features % 2:
+        assert packed.shape == (7, in_features, 16)
+    y = torch.ops.tandem.packed_linear(x, packed, 100, None)
     assert y.dtype == torch.bfloat16
     # The exact float32 product of the bfloat16 inputs, rounded once to bfloat16.
     expected = F.linear(x.float(), weight.float()).to(torch.bfloat16)
@@ -91,5 +97,6 @@ def test_pack_linears_swaps_every_linear_and_keeps_the_outputs():
 
 
 def test_auto_resolves_to_the_quantized_kernel_where_it_builds():
-    assert resolve_linear_kernel("auto") == "quantized"
+    assert resolve_linear_kernel("auto", torch.float32) == "quantized"
+    assert resolve_linear_kernel("auto", torch.bfloat16) == "packed"
     assert resolve_linear_kernel("torch") == "torch"
