@@ -26,7 +26,13 @@ from engine import envs
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = [_CSRC / "decode_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "packed_linear.cpp"]
+SOURCES = [
+    _CSRC / "decode_attention.cpp",
+    _CSRC / "fused_ops.cpp",
+    _CSRC / "packed_linear.cpp",
+    _CSRC / "prefill_attention.cpp",
+]
+HEADERS = [_CSRC / "bf16_pairs.h"]
 # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header; without it, it runs serially.
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -51,7 +57,7 @@ def _cpu_flags() -> str:
 
 def _build_key() -> str:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(" ".join(_FLAGS).encode())

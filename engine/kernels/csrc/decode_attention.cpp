@@ -17,31 +17,14 @@
 #include <limits>
 #include <vector>
 
+#include "bf16_pairs.h"  // exp_nonpositive
+
 namespace {
 
 constexpr int64_t kLanes = 16;  // partial sums per dot product, so the loop vectorizes
 
 
-// exp(x) for x <= 0 (scores minus their running max), to float32 precision: x = n ln2 + r
-// with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial, 2^n by building the
-// exponent bits. Branch-free, so a loop of it vectorizes (std::exp does not).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // below this exp underflows float32 anyway
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using tandem::exp_nonpositive;
 
 // The strides of one layer's cache, [NB, 2, BS, KVH, D], that a block walk needs.
 struct Shape {

@@ -46,6 +46,8 @@
 #include <optional>
 #include <vector>
 
+#include "bf16_pairs.h"  // TANDEM_BF16_PAIRS: the pair micro-kernel
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define TANDEM_PACKED_LINEAR_AVX2 1
@@ -141,72 +143,6 @@ inline void micro_kernel(const float* x, int64_t ldx, const w_t* panel, int64_t 
 
 #endif
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#define TANDEM_PACKED_LINEAR_BF16_PAIRS 1
-
-constexpr int64_t kMaxPairRows = 8;  // rows of x per bfloat16 micro-kernel call
-
-// out[r, 0:16] = x[r, :] . panel for r < MR: x bfloat16 with K2 pairs a row (ldx pairs
-// apart), panel [K2, 16, 2]. One accumulator a row, so with few rows the pairs are
-// split into U interleaved partial sums to keep about 8 dot products in flight.
-template <int MR>
-inline void pair_kernel(const uint32_t* x, int64_t ldx, const at::BFloat16* panel, int64_t K2,
-                        float* out) {
-  constexpr int U = MR >= 8 ? 1 : (8 + MR - 1) / MR;
-  __m512 acc[U][MR];
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) acc[u][r] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + U <= K2; i += U) {
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(panel + (i + u) * 2 * kPanel);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * ldx + i + u]));
-        acc[u][r] = _mm512_dpbf16_ps(acc[u][r], a, w);
-      }
-    }
-  }
-  for (; i < K2; ++i) {
-    const __m512bh w = (__m512bh)_mm512_loadu_si512(panel + i * 2 * kPanel);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * ldx + i]));
-      acc[0][r] = _mm512_dpbf16_ps(acc[0][r], a, w);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 8
-    for (int u = 1; u < U; ++u) acc[0][r] = _mm512_add_ps(acc[0][r], acc[u][r]);
-    _mm512_storeu_ps(out + r * kPanel, acc[0][r]);
-  }
-}
-
-void rows_of_pair_panel(const uint32_t* x, int64_t M, int64_t K2, const at::BFloat16* panel,
-                        float* out) {
-  int64_t r = 0;
-  for (; r + kMaxPairRows <= M; r += kMaxPairRows) {
-    pair_kernel<kMaxPairRows>(x + r * K2, K2, panel, K2, out + r * kPanel);
-  }
-  const uint32_t* x_rest = x + r * K2;
-  float* out_rest = out + r * kPanel;
-  switch (M - r) {
-    case 7: pair_kernel<7>(x_rest, K2, panel, K2, out_rest); break;
-    case 6: pair_kernel<6>(x_rest, K2, panel, K2, out_rest); break;
-    case 5: pair_kernel<5>(x_rest, K2, panel, K2, out_rest); break;
-    case 4: pair_kernel<4>(x_rest, K2, panel, K2, out_rest); break;
-    case 3: pair_kernel<3>(x_rest, K2, panel, K2, out_rest); break;
-    case 2: pair_kernel<2>(x_rest, K2, panel, K2, out_rest); break;
-    case 1: pair_kernel<1>(x_rest, K2, panel, K2, out_rest); break;
-    default: break;
-  }
-}
-
-#endif
 
 template <typename w_t>
 void rows_of_panel(const float* x, int64_t M, int64_t K, const w_t* panel, float* out) {
@@ -366,7 +302,7 @@ at::Tensor dequantize_linear_weight(const at::Tensor& codes, const at::Tensor& s
   return packed.transpose(1, 2).reshape({P * kPanel, K}).narrow(0, 0, N).contiguous();
 }
 
-#ifdef TANDEM_PACKED_LINEAR_BF16_PAIRS
+#ifdef TANDEM_BF16_PAIRS
 // x [M, K] in any float dtype, rounded to bfloat16, against the pair layout.
 void pair_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                       at::Tensor& y) {
@@ -381,7 +317,7 @@ void pair_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::T
   at::parallel_for(0, num_panels, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(M * kPanel);
     for (int64_t p = begin; p < end; ++p) {
-      rows_of_pair_panel(x_pairs, M, K2, w_data + p * K2 * 2 * kPanel, tile.data());
+      tandem::rows_of_pair_panel(x_pairs, K2, M, K2, w_data + p * K2 * 2 * kPanel, tile.data());
       write_panel_columns(tile.data(), bias_data, M, N, p, y_data);
     }
   });
@@ -398,7 +334,7 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
               weight.scalar_type());
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
-#ifdef TANDEM_PACKED_LINEAR_BF16_PAIRS
+#ifdef TANDEM_BF16_PAIRS
   if (weight.scalar_type() == at::kBFloat16 && K % 2 == 0) {  // odd K: the layout below
     const int64_t K2 = K / 2;
     at::Tensor padded = at::zeros({num_panels * kPanel, K}, weight.options());
@@ -437,7 +373,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   at::Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   if (x.size(0) > 0) {
     if (pairs) {
-#ifdef TANDEM_PACKED_LINEAR_BF16_PAIRS
+#ifdef TANDEM_BF16_PAIRS
       pair_linear_impl(x, packed, bias32, y);
 #else
       TORCH_CHECK(false, "packed_linear: this weight was packed for AVX512_BF16, not built here");
