@@ -48,11 +48,5 @@ class CpuAttention(TorchAttention):
     ) -> torch.Tensor:
         if not (self.bf16_prefill and q.dtype == torch.bfloat16):
             return super()._chunk(q, k, v, kv_cache, chunk)
-        if chunk.mask is None:  # no earlier context: the new keys are the whole context
-            end = chunk.start + chunk.num_tokens
-            keys, values = k[chunk.start : end], v[chunk.start : end]
-        else:
-            keys = kv_cache[chunk.block_ids, 0].reshape(-1, self.num_kv_heads, self.head_dim)
-            values = kv_cache[chunk.block_ids, 1].reshape(-1, self.num_kv_heads, self.head_dim)
-            keys, values = keys[: chunk.context_len], values[: chunk.context_len]
+        keys, values = self._context(k, v, kv_cache, chunk)
         return torch.ops.tandem.prefill_attention(q, keys, values, self.scale)

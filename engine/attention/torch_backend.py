@@ -120,20 +120,28 @@ class TorchAttention(AttentionBackend):
         chunk: _Chunk,
     ) -> torch.Tensor:
         qs = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        if chunk.mask is None:  # no earlier context: the new keys are the whole context
-            end = chunk.start + chunk.num_tokens
-            keys = k[chunk.start : end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, D]
-            values = v[chunk.start : end].transpose(0, 1).unsqueeze(0)
+        keys, values = (
+            t.transpose(0, 1).unsqueeze(0) for t in self._context(k, v, kv_cache, chunk)
+        )
+        if chunk.mask is None:  # no earlier context: plain causal attention
             out = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
         else:
-            keys = kv_cache[chunk.block_ids, 0].reshape(-1, self.num_kv_heads, self.head_dim)
-            values = kv_cache[chunk.block_ids, 1].reshape(-1, self.num_kv_heads, self.head_dim)
-            keys = keys[: chunk.context_len].transpose(0, 1).unsqueeze(0)  # [1, KVH, C, D]
-            values = values[: chunk.context_len].transpose(0, 1).unsqueeze(0)
             out = F.scaled_dot_product_attention(
                 qs, keys, values, attn_mask=chunk.mask, enable_gqa=True
             )
         return out.squeeze(0).transpose(0, 1)  # [n, H, D]
+
+    def _context(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, chunk: _Chunk
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a chunk attends over, [C, KVH, D] each: the chunk's own
+        when it has no earlier context, else the whole context from its blocks."""
+        if chunk.mask is None:
+            end = chunk.start + chunk.num_tokens
+            return k[chunk.start : end], v[chunk.start : end]
+        keys = kv_cache[chunk.block_ids, 0].reshape(-1, self.num_kv_heads, self.head_dim)
+        values = kv_cache[chunk.block_ids, 1].reshape(-1, self.num_kv_heads, self.head_dim)
+        return keys[: chunk.context_len], values[: chunk.context_len]
 
 
 def _make_chunk(start: int, q_len: int, ctx_len: int, block_ids: list[int]) -> _Chunk:
