@@ -80,12 +80,16 @@ class Resources(_Model):
 
 
 class PoolConfig(_Model):
-    """One pool of model instances. Tensor and pipeline parallelism are not supported yet
-    (the engine runs one whole model per worker): both must be 1."""
+    """One pool of model instances. An instance with `tensor_parallel` N runs N processes
+    on one node, each holding 1/N of the heads (and reserving `resources`); pipeline
+    parallelism is not supported yet and must be 1."""
 
-    instances: int = Field(default=1, ge=1, description="worker processes in the pool")
+    instances: int = Field(default=1, ge=1, description="model instances in the pool")
     tensor_parallel: int = Field(
-        default=1, ge=1, description="degree per instance; only 1 is supported yet"
+        default=1,
+        ge=1,
+        description="processes per instance, splitting the model by heads on one node; "
+        "must divide the model's query heads, KV heads and MLP width",
     )
     pipeline_parallel: int = Field(
         default=1, ge=1, description="degree per instance; only 1 is supported yet"
@@ -99,11 +103,11 @@ class PoolConfig(_Model):
     kv_cache_gb: float = Field(default=1.0, gt=0, description="KV cache per worker, GiB")
     resources: Resources = Field(default_factory=Resources, description="what each worker reserves")
 
-    @field_validator("tensor_parallel", "pipeline_parallel")
+    @field_validator("pipeline_parallel")
     @classmethod
-    def _one_model_per_worker(cls, value: int) -> int:
+    def _no_pipeline(cls, value: int) -> int:
         if value != 1:
-            raise ValueError("not supported yet: the engine runs one whole model per worker")
+            raise ValueError("not supported yet: the engine runs every layer in each instance")
         return value
 
 

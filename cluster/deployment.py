@@ -34,6 +34,9 @@ class DeploymentOptions:
     mode: str = "disaggregated"
     prefill_instances: int = 1
     decode_instances: int = 1
+    # Processes per instance, splitting the model by heads on one node (engine/parallel.py).
+    prefill_tensor_parallel: int = 1
+    decode_tensor_parallel: int = 1
     model: str | None = None
     dtype: str = "auto"
     launcher: str = "ray"
@@ -68,6 +71,8 @@ class DeploymentOptions:
             raise ValueError("kv_layer_groups must be at least 1")
         if self.decode_instances < 1:
             raise ValueError("--decode-instances must be at least 1")
+        if min(self.prefill_tensor_parallel, self.decode_tensor_parallel) < 1:
+            raise ValueError("--prefill/decode-tensor-parallel must be at least 1")
         if self.mode == "disaggregated" and self.prefill_instances < 1:
             raise ValueError("--prefill-instances must be at least 1 in disaggregated mode")
 
@@ -94,7 +99,12 @@ class DeploymentOptions:
         }
         if self.mode == "colocated":
             return [
-                WorkerSpec(f"colocated-{i}", "colocated", **common)
+                WorkerSpec(
+                    f"colocated-{i}",
+                    "colocated",
+                    tensor_parallel=self.decode_tensor_parallel,
+                    **common,
+                )
                 for i in range(self.decode_instances)
             ]
         prefill = [
@@ -103,12 +113,16 @@ class DeploymentOptions:
                 "prefill",
                 deadlines=dict(self.deadlines),
                 kv_layer_groups=self.kv_layer_groups,
+                tensor_parallel=self.prefill_tensor_parallel,
                 **common,
             )
             for i in range(self.prefill_instances)
         ]
         decode = [
-            WorkerSpec(f"decode-{i}", "decode", **common) for i in range(self.decode_instances)
+            WorkerSpec(
+                f"decode-{i}", "decode", tensor_parallel=self.decode_tensor_parallel, **common
+            )
+            for i in range(self.decode_instances)
         ]
         return prefill + decode
 

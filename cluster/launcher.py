@@ -7,6 +7,11 @@ own process, so this module needs no model code, and Ray only when it is used.
 Ray: each worker is an actor with explicit CPU/GPU resources and a fixed number of
 torch threads. `pack=True` places all of them in one STRICT_PACK placement group
 (one node); a spec's `node` pins a worker to the node offering that custom resource.
+A tensor-parallel instance (spec.tensor_parallel N > 1) gets N bundles on one node:
+in the packed group, or else in a STRICT_PACK group of its own. Its worker actor
+(rank 0) takes the first and starts ranks 1..N-1 as ShardActors in the others
+(RayShards); they are its children, so they die with it, and a worker Ray restarts
+starts new ones.
 A worker without a host listens on its node's address. When a worker's process dies,
 Ray starts it again, up to `max_restarts` times; it serves on its old address again
 (cluster.worker_main.start), so the router finds it there and registers it anew.
@@ -15,6 +20,7 @@ Ray starts it again, up to `max_restarts` times; it serves on its old address ag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -163,7 +169,8 @@ def _actor_class() -> Any:
         def start(self, restarted: bool = False) -> tuple[str, str]:
             from cluster.worker_main import start
 
-            self.service = start(self.spec, ray.util.get_node_ip_address(), restarted)
+            shards = RayShards(self.spec) if self.spec.tensor_parallel > 1 else None
+            self.service = start(self.spec, ray.util.get_node_ip_address(), restarted, shards)
             return self.service.address, ray.get_runtime_context().get_node_id()
 
         def ping(self) -> int:
@@ -174,6 +181,84 @@ def _actor_class() -> Any:
                 self.service.stop()
 
     return WorkerActor
+
+
+def _shard_actor_class() -> Any:
+    import ray
+
+    @ray.remote
+    class ShardActor:
+        """Rank 1..N-1 of a tensor-parallel instance: engine.shard.run_shard."""
+
+        def run(self, config_json: str, rank: int) -> None:
+            import json
+
+            from engine.config import EngineConfig
+            from engine.parallel import TensorParallelError
+            from engine.shard import run_shard
+
+            with contextlib.suppress(TensorParallelError):  # the driver is gone
+                run_shard(EngineConfig(**json.loads(config_json)), rank)
+
+    return ShardActor
+
+
+class RayShards:
+    """engine.parallel's ShardLauncher for a worker actor: the other ranks of its
+    instance as actors in its placement group's bundles `spec.shard_bundles`."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.actors: list[Any] = []
+        self.runs: list[Any] = []
+
+    def start(self, config: Any, ranks: Any) -> None:
+        import dataclasses
+        import json
+
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = ray.util.get_current_placement_group()
+        if group is None or len(self.spec.shard_bundles) != len(ranks):
+            raise LaunchError(
+                f"worker {self.spec.instance_id}: a tensor-parallel instance needs a placement "
+                f"group with a bundle for each of its {len(ranks)} other ranks"
+            )
+        actor_class = _shard_actor_class()
+        text = json.dumps(dataclasses.asdict(config))
+        for rank, bundle in zip(ranks, self.spec.shard_bundles):
+            actor = actor_class.options(
+                num_cpus=self.spec.num_cpus,
+                name=f"tandem-{self.spec.instance_id}-rank{rank}",
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, bundle),
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.spec.num_threads)}},
+            ).remote()
+            self.actors.append(actor)
+            self.runs.append(actor.run.remote(text, rank))
+
+    def dead(self) -> str:
+        import ray
+
+        ended, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        for ref in ended:
+            try:
+                ray.get(ref)
+                return "a shard actor returned before its group formed"
+            except Exception as exc:
+                return f"a shard actor failed: {exc}"
+        return ""
+
+    def stop(self) -> None:
+        import ray
+
+        if self.runs:
+            ray.wait(self.runs, num_returns=len(self.runs), timeout=10)
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        self.actors.clear()
+        self.runs.clear()
 
 
 class RayLauncher:
@@ -196,7 +281,7 @@ class RayLauncher:
                 configure_logging=False,
             )
         self.workers: list[RayWorker] = []
-        self._placement_group: Any = None
+        self._placement_groups: list[Any] = []
 
     @property
     def node_address(self) -> str:
@@ -217,12 +302,30 @@ class RayLauncher:
 
         actor_class = _actor_class()
         strategy: list[Any] = [None] * len(specs)
-        if pack:
-            bundles = [_bundle(s) for s in specs]
+        specs = list(specs)
+        # Which specs share a group: all of them packed, else each tensor-parallel one alone.
+        members = [list(range(len(specs)))] if pack else [
+            [i] for i, spec in enumerate(specs) if spec.tensor_parallel > 1
+        ]  # fmt: skip
+        for indices in members:
+            bundles: list[dict[str, float]] = []
+            first_bundle: dict[int, int] = {}  # spec index -> its worker's bundle
+            for i in indices:
+                first_bundle[i] = len(bundles)
+                bundles.extend(_bundle(specs[i]) for _ in range(specs[i].tensor_parallel))
+                shards = list(range(first_bundle[i] + 1, len(bundles)))
+                specs[i] = dataclasses.replace(specs[i], shard_bundles=shards)
             group = ray.util.placement_group(bundles, strategy="STRICT_PACK")
-            ray.get(group.ready(), timeout=timeout)
-            self._placement_group = group
-            strategy = [PlacementGroupSchedulingStrategy(group, i) for i in range(len(specs))]
+            self._placement_groups.append(group)
+            try:
+                ray.get(group.ready(), timeout=timeout)
+            except Exception as exc:
+                names = [specs[i].instance_id for i in indices]
+                raise LaunchError(
+                    f"Ray could not reserve {bundles} on one node for {names}: {exc}"
+                ) from exc
+            for i, bundle in first_bundle.items():
+                strategy[i] = PlacementGroupSchedulingStrategy(group, bundle)
         started = []
         for spec, scheduling in zip(specs, strategy):
             options: dict[str, Any] = {
@@ -256,9 +359,9 @@ class RayLauncher:
             with contextlib.suppress(Exception):  # already gone
                 worker.kill()
         self.workers.clear()
-        if self._placement_group is not None:
-            ray.util.remove_placement_group(self._placement_group)
-            self._placement_group = None
+        for group in self._placement_groups:
+            ray.util.remove_placement_group(group)
+        self._placement_groups.clear()
         if self._started_ray:
             ray.shutdown()
 
@@ -267,4 +370,6 @@ def _bundle(spec: WorkerSpec) -> dict[str, float]:
     bundle = {"CPU": spec.num_cpus}
     if spec.num_gpus:
         bundle["GPU"] = spec.num_gpus
+    if spec.node:  # the worker asks for it: its bundle must hold it
+        bundle[spec.node] = 0.001
     return bundle

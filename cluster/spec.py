@@ -37,10 +37,17 @@ class WorkerSpec:
     deadlines: dict[str, float] = field(default_factory=dict)  # prefill: reserve/transfer/...
     kv_layer_groups: int = 3  # prefill: the final chunk's KV leaves in this many layer groups
     node: str | None = None  # Ray: a custom resource name that pins the worker to a node
+    # Processes that share the model by heads, on one node (engine/parallel.py); each
+    # reserves num_cpus and runs num_threads. Ray: the placement group bundles of ranks
+    # 1..N-1 (rank 0, this worker, has its own), set by the launcher.
+    tensor_parallel: int = 1
+    shard_bundles: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be at least 1, got {self.tensor_parallel}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -72,4 +79,6 @@ class WorkerSpec:
             "attention_backend": self.attention_backend,
             "linear_kernel": self.linear_kernel,
             "max_model_len": self.max_model_len,
+            "tensor_parallel_size": self.tensor_parallel,
+            "tp_host": self.listen_host,
         }

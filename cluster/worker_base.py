@@ -107,6 +107,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             tokenizer_json=info["tokenizer_json"].encode(),
             tokenizer_config_json=json.dumps(info["tokenizer_config"]),
             num_blocks=info["num_blocks"],
+            tensor_parallel_size=info["tensor_parallel_size"],
         )
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.InstanceStatus:

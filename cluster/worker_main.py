@@ -32,9 +32,16 @@ def address_key(instance_id: str) -> str:
     return f"tandem/worker-address/{instance_id}"
 
 
-def start(spec: WorkerSpec, node_address: str = LOOPBACK, restarted: bool = False) -> object:
+def start(
+    spec: WorkerSpec,
+    node_address: str = LOOPBACK,
+    restarted: bool = False,
+    shards: object = None,
+) -> object:
     """Builds and starts the worker service for spec.role in this process. A spec without
-    a host listens on `node_address`. A `restarted` worker asks for its old address."""
+    a host listens on `node_address`. A `restarted` worker asks for its old address.
+    `shards` starts the other ranks of a tensor-parallel instance (default: child
+    processes; cluster.launcher's RayShards in a Ray actor)."""
     # The store client comes from the engine's KV links: torch is in every worker process.
     from engine.kv.link import connect_store
 
@@ -48,11 +55,11 @@ def start(spec: WorkerSpec, node_address: str = LOOPBACK, restarted: bool = Fals
     service = None
     if host == spec.host and spec.port == 0:
         try:
-            service = module.build(dataclasses.replace(spec, port=int(port)))
+            service = module.build(dataclasses.replace(spec, port=int(port)), shards)
         except OSError as e:  # another process took the port meanwhile
             logger.warning("%s cannot listen on %s again: %s", spec.instance_id, before, e)
     if service is None:
-        service = module.build(spec)
+        service = module.build(spec, shards)
     address: str = service.address
     store.set(key, address)
     if restarted and address != before:

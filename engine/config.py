@@ -101,11 +101,19 @@ class EngineConfig:
     linear_kernel: str = "auto"  # "quantized" (C++ kernel) where it builds, else "torch"
     num_threads: int | None = None
     seed: int = 0
+    # Tensor parallelism (engine/parallel.py): this many processes share the model, by
+    # heads, on one machine; their collectives talk over `tp_host`. The driver (rank 0)
+    # sets the other two for the shards it starts.
+    tensor_parallel_size: int = 1
+    tp_host: str = "127.0.0.1"
+    tp_store_address: str = ""
+    tp_group_id: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(SUPPORTED_DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.linear_kernel not in LINEAR_KERNELS:

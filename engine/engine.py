@@ -11,6 +11,8 @@ beside the loop.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -25,16 +27,22 @@ from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
 from engine.handoff import KVTransferMixin
-from engine.kernels.packed_linear import pack_linears, resolve_linear_kernel
 from engine.kv.cache_manager import KVCacheManager
-from engine.kv.kv_cache import (
-    LAYOUT_FIELDS,
-    PagedKVCache,
-)
-from engine.model_runner import ModelRunner
-from engine.models.loader import load_block_weights, load_model, read_model_config
+from engine.kv.kv_cache import LAYOUT_FIELDS, PagedKVCache, ShardedKVCache
+from engine.model_runner import ModelRunner, build_model, max_model_len
+from engine.models.loader import read_model_config
 from engine.models.source import resolve_model
 from engine.outputs import RequestOutput
+from engine.parallel import (
+    ProcessShards,
+    ShardLauncher,
+    TensorParallelError,
+    TensorParallelGroup,
+    check_divisible,
+    kv_file,
+    map_kv_layers,
+    new_group_id,
+)
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -45,11 +53,21 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine(KVTransferMixin):
-    def __init__(self, config: EngineConfig) -> None:
+    """`shards` starts ranks 1..N-1 of a tensor-parallel engine (default: child
+    processes); this engine is rank 0, the driver."""
+
+    def __init__(self, config: EngineConfig, shards: ShardLauncher | None = None) -> None:
         self.config = config
+        self.group: TensorParallelGroup | None = None
+        self._shards = shards
+        self._store: object = None  # a tensor-parallel group's TCPStore, hosted here
         self._init_threads()
-        self._init_model()
-        self._init_kv_cache()
+        try:
+            self._init_model()
+            self._init_kv_cache()
+        except BaseException:
+            self.close()
+            raise
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
@@ -69,26 +87,53 @@ class LLMEngine(KVTransferMixin):
         self.model_id = self.source.model_id
         self.model_config: ModelConfig = read_model_config(self.source)
         cfg = self.model_config
-        # Sliding-window attention is not implemented, so the context is capped at the
-        # window: within it, full attention is exactly what the model computes.
-        limits = [self.config.max_model_len or cfg.max_position_embeddings, cfg.sliding_window]
-        self.max_model_len = min(x for x in limits if x)
-        self.model = load_model(self.source, self.config.torch_dtype, self.max_model_len)
-        linear_kernel = resolve_linear_kernel(self.config.linear_kernel, self.config.torch_dtype)
-        if linear_kernel != "torch":  # tandem's C++ kernels: linear layers and fused ops
-            blocks = linear_kernel == "quantized"
-            pack_linears(self.model, load_block_weights(self.source, cfg) if blocks else None)
-            self.model.use_fused_ops()
+        self.max_model_len = max_model_len(self.config, cfg)
+        size = self.config.tensor_parallel_size
+        check_divisible(cfg, size)
+        if size > 1:  # the shards load their slices while this process loads its own
+            self._start_shards()
+        self.model = build_model(self.config, self.source, cfg, self.max_model_len, 0, size)
+        if size > 1:
+            self._join_group()
         self.tokenizer = load_tokenizer(self.source)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
+    def _start_shards(self) -> None:
+        from engine.kv.link import start_store
+
+        self._store, address = start_store(self.config.tp_host)
+        self.config = dataclasses.replace(
+            self.config, tp_store_address=address, tp_group_id=new_group_id()
+        )
+        if self._shards is None:
+            self._shards = ProcessShards()
+        self._shards.start(self.config, range(1, self.config.tensor_parallel_size))
+
+    def _join_group(self) -> None:
+        from engine.parallel import connect, wait_for_shards
+
+        assert self._shards is not None
+        wait_for_shards(self.config, self._shards)
+        self.group = connect(self.config, 0)
+        self.model.set_all_reduce(self.group.all_reduce)
+
+    def close(self) -> None:
+        """Stops a tensor-parallel engine's shards (nothing to do for a whole model)."""
+        if self.group is not None and not self.group.broken:
+            with contextlib.suppress(TensorParallelError):  # a shard is gone already
+                self.group.send({"op": "stop"})
+        if self._shards is not None:
+            self._shards.stop()
+        self.group = None
+
     def _init_kv_cache(self) -> None:
         cfg, ecfg = self.model_config, self.config
+        size = ecfg.tensor_parallel_size
         backend_cls = get_backend(ecfg.attention_backend)
-        self.backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.backend = backend_cls(cfg.num_heads // size, cfg.num_kv_heads // size, cfg.head_dim)
         bytes_per_block = (
             cfg.num_layers
             * 2
@@ -99,12 +144,26 @@ class LLMEngine(KVTransferMixin):
         )
         num_blocks = ecfg.num_blocks or max(1, ecfg.kv_cache_memory_bytes // bytes_per_block)
         shape = backend_cls.kv_cache_shape(
-            num_blocks, ecfg.block_size, cfg.num_kv_heads, cfg.head_dim
+            num_blocks, ecfg.block_size, cfg.num_kv_heads // size, cfg.head_dim
         )
-        layers = [torch.zeros(shape, dtype=ecfg.torch_dtype) for _ in range(cfg.num_layers)]
-        self.kv_cache = PagedKVCache(layers, ecfg.block_size)
+        if self.group is None:
+            layers = [torch.zeros(shape, dtype=ecfg.torch_dtype) for _ in range(cfg.num_layers)]
+            self.kv_cache = PagedKVCache(layers, ecfg.block_size)
+        else:  # every rank's slice in shared memory, mapped here too
+            paths = [kv_file(ecfg.tp_group_id, rank) for rank in range(size)]
+            try:
+                shards = [
+                    map_kv_layers(path, cfg.num_layers, shape, ecfg.torch_dtype) for path in paths
+                ]
+                self.group.send({"op": "kv", "num_blocks": num_blocks})
+                self.group.barrier()  # every shard has mapped its file
+            finally:
+                for path in paths:  # the mappings stay; nothing is left behind on disk
+                    if os.path.exists(path):
+                        os.unlink(path)
+            self.kv_cache = ShardedKVCache(shards, ecfg.block_size)
         self.kv = KVCacheManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.backend, self.kv_cache)
+        self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.group)
 
     # ---- requests in -------------------------------------------------------------------
 
@@ -241,6 +300,12 @@ class LLMEngine(KVTransferMixin):
             sampled = self.sampler(
                 logits, [self.requests[s.request_id] for s in batch.scheduled if s.sample]
             )
+        except TensorParallelError:
+            # A rank is gone: no step can run again. Its requests end as aborted; the
+            # caller (EngineLoop) gives up the instance.
+            for item in batch.scheduled:
+                self.abort_request(item.request_id)
+            raise
         except Exception:
             # A failed step must not strand its requests: they end as aborted (their
             # blocks freed) and the engine goes on serving the others.
@@ -346,6 +411,7 @@ class LLMEngine(KVTransferMixin):
                 "eos_token": tokenizer.eos_token,
             },
             "num_blocks": self.kv.pool.num_blocks,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
         }
 
     def num_queued_prefill_tokens(self) -> int:

@@ -217,7 +217,7 @@ class KVTransferMixin:
             raise KVImportError(
                 f"blocks [{start}, {end}) fall outside the {len(request.block_ids)} reserved"
             )
-        expected = self.kv_cache.layers[0].shape[1:]
+        expected = self.kv_cache.block_shape
         num_layers = len(self.kv_cache.layers)
         if (
             tuple(data.shape[2:]) != tuple(expected)

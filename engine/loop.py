@@ -19,6 +19,7 @@ long a step of n tokens takes on this instance.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.parallel import TensorParallelError
 from engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_MAX_STEP_SAMPLES = 256
+EXIT_GROUP_BROKEN = 70  # the process's exit status when its tensor-parallel group broke
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class EngineLoop:
         self._running = False
         self._calls.put(None)
         self._thread.join(timeout=10)
+        self.engine.close()
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Runs fn(*args, **kwargs) on the loop thread before the next step."""
@@ -103,6 +107,11 @@ class EngineLoop:
             begin = time.perf_counter()
             try:
                 outputs = self.engine.step()
+            except TensorParallelError:
+                # A rank of the model is gone; this process cannot step again. Exit, so
+                # the router recovers its requests elsewhere and Ray starts it anew.
+                logger.critical("the tensor-parallel group broke; the worker exits", exc_info=True)
+                os._exit(EXIT_GROUP_BROKEN)
             except Exception:  # a bug, not a request's fault: keep serving the rest
                 logger.exception("engine step failed")
                 continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from cluster.spec import WorkerSpec
 from cluster.worker_base import start_server
 from engine.config import EngineConfig
@@ -10,12 +12,18 @@ from engine.kv.link import LinkManager, connect_store
 from prefill_worker.service import Deadlines, PrefillService
 
 
-def build(spec: WorkerSpec) -> PrefillService:
-    engine = LLMEngine(EngineConfig(**spec.engine_kwargs()))
+def build(spec: WorkerSpec, shards: Any = None) -> PrefillService:
+    """`shards`: how ranks 1..N-1 of a tensor-parallel engine start (engine.parallel's
+    ShardLauncher; default: child processes)."""
+    engine = LLMEngine(EngineConfig(**spec.engine_kwargs()), shards)
     links = LinkManager(spec.instance_id, connect_store(spec.store_address), host=spec.listen_host)
     service = PrefillService(
         engine, spec.instance_id, links, Deadlines(**spec.deadlines), spec.kv_layer_groups
     )
-    start_server(service, spec.listen_host, spec.port)
+    try:
+        start_server(service, spec.listen_host, spec.port)
+    except BaseException:
+        engine.close()
+        raise
     service.start()
     return service

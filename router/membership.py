@@ -49,7 +49,12 @@ def capabilities(instance: Instance) -> Capabilities:
     shape = f"{layout.model_id}|{layout.num_layers}|{layout.num_kv_heads}|{layout.head_dim}"
     shape += f"|{instance.info.vocab_size}"
     model_hash = hashlib.sha256(shape.encode()).hexdigest()[:16]
-    return Capabilities(model_hash=model_hash, dtype=layout.dtype, block_size=layout.block_size)
+    return Capabilities(
+        model_hash=model_hash,
+        dtype=layout.dtype,
+        block_size=layout.block_size,
+        tensor_parallel=max(1, instance.info.tensor_parallel_size),
+    )
 
 
 class Membership:

@@ -73,6 +73,14 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
     serve.add_argument("--prefill-instances", type=int, default=1)
     serve.add_argument("--decode-instances", type=int, default=1)
+    serve.add_argument(
+        "--prefill-tensor-parallel", type=int, default=1, metavar="N",
+        help="processes per prefill instance, splitting the model by heads",
+    )  # fmt: skip
+    serve.add_argument(
+        "--decode-tensor-parallel", type=int, default=1, metavar="N",
+        help="processes per decode (or colocated) instance, splitting the model by heads",
+    )  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1", help="address to serve on")
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=50051)

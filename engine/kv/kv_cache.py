@@ -48,6 +48,11 @@ class PagedKVCache:
     def num_blocks(self) -> int:
         return self.layers[0].shape[0]
 
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """One block of one layer as read and written: [2, BS, KVH, D]."""
+        return tuple(self.layers[0].shape[1:])
+
     def read_blocks(self, block_ids: list[int], layers: range | None = None) -> torch.Tensor:
         """The blocks of these layers (default all), gathered into one new tensor
         [len(layers), n, 2, BS, KVH, D]."""
@@ -64,6 +69,35 @@ class PagedKVCache:
         index = torch.tensor(block_ids, dtype=torch.int64)
         for layer, layer_data in zip(self.layers[first_layer:], data):
             layer.index_copy_(0, index, layer_data.to(layer.dtype))
+
+
+class ShardedKVCache(PagedKVCache):
+    """A tensor-parallel engine's cache as its driver sees it (engine/parallel.py): every
+    rank's slice of the KV heads, in shared memory. `layers` is the driver's own slice,
+    for its attention; blocks are read and written with all the heads, in rank order."""
+
+    HEADS_DIM = -2  # of a layer [NB, 2, BS, KVH, D]
+
+    def __init__(self, shards: list[list[torch.Tensor]], block_size: int) -> None:
+        super().__init__(shards[0], block_size)
+        self.shards = shards  # [rank][layer]
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        two, block_size, heads, head_dim = self.layers[0].shape[1:]
+        return two, block_size, heads * len(self.shards), head_dim
+
+    def read_blocks(self, block_ids: list[int], layers: range | None = None) -> torch.Tensor:
+        parts = [
+            PagedKVCache(shard, self.block_size).read_blocks(block_ids, layers)
+            for shard in self.shards
+        ]
+        return torch.cat(parts, dim=self.HEADS_DIM)
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor, first_layer: int = 0) -> None:
+        parts = data.chunk(len(self.shards), dim=self.HEADS_DIM)
+        for shard, part in zip(self.shards, parts):
+            PagedKVCache(shard, self.block_size).write_blocks(block_ids, part, first_layer)
 
 
 def kv_checksum(data: torch.Tensor) -> int:

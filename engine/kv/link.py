@@ -93,15 +93,23 @@ class KVLink:
 def _make_group(
     store: dist.Store, link_id: str, rank: int, host: str, timeout: float, device: str
 ) -> Any:  # a gloo or NCCL backend object: send/recv/_set_default_timeout
-    prefix = dist.PrefixStore(f"kvlink/{link_id}/", store)
     if device == "cuda":  # pragma: no cover - needs two GPUs
+        prefix = dist.PrefixStore(f"kvlink/{link_id}/", store)
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = datetime.timedelta(seconds=timeout)
         return dist.ProcessGroupNCCL(prefix, rank, 2, options)
+    return gloo_group(store, f"kvlink/{link_id}/", rank, 2, host, timeout)
+
+
+def gloo_group(
+    store: dist.Store, prefix: str, rank: int, size: int, host: str, timeout: float | None
+) -> Any:  # ProcessGroupGloo
+    """A gloo group of `size` ranks meeting under `prefix` in `store`, talking over
+    `host`'s interface; `timeout` None: operations wait without end unless given one."""
     options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-    options._timeout = datetime.timedelta(seconds=timeout)
+    options._timeout = datetime.timedelta(days=365 if timeout is None else 0, seconds=timeout or 0)
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-    return dist.ProcessGroupGloo(prefix, rank, 2, options)
+    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, options)
 
 
 class LinkManager:

@@ -59,6 +59,26 @@ class BlockWeights:
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1]
 
+    def rows(self, rank: int, size: int) -> BlockWeights:
+        """Rank's contiguous 1/size of the rows (a column-parallel slice)."""
+        step = self.shape[0] // size
+        part = slice(rank * step, (rank + 1) * step)
+        return BlockWeights(self.kind, self.scale[part], self.offset[part], self.codes[part])
+
+    def columns(self, rank: int, size: int) -> BlockWeights | None:
+        """Rank's contiguous 1/size of the columns (a row-parallel slice), or None where
+        that would cut a block of 32."""
+        step = self.shape[1] // size
+        if step % BLOCK:
+            return None
+        blocks = slice(rank * step // BLOCK, (rank + 1) * step // BLOCK)
+        return BlockWeights(
+            self.kind,
+            np.ascontiguousarray(self.scale[:, blocks]),
+            np.ascontiguousarray(self.offset[:, blocks]),
+            np.ascontiguousarray(self.codes[:, rank * step : (rank + 1) * step]),
+        )
+
     def dequantize(self) -> np.ndarray:
         """float32 [N, K]; equal to gguf's dequantize of the blocks."""
         n, k = self.shape

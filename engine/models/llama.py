@@ -5,6 +5,10 @@ requests; `attention` is a callable (one step's attention, bound to the KV
 cache and the step's plan) that writes the new keys and values into the paged
 cache and attends over each request's context.
 
+With `tp_size` N > 1 the model is one rank's slice (engine/parallel.py): 1/N of the
+heads and of the MLP width; `set_all_reduce` gives it the sum over the group that
+follows o_proj and down_proj.
+
 `use_fused_ops()` switches float32 and bfloat16 steps to tandem's fused C++ operators
 (csrc/fused_ops.cpp: residual add + RMSNorm, RoPE in place on the q/k/v
 projection); the math is the same, in a few operators a layer instead of ~25.
@@ -23,6 +27,7 @@ from engine.config import ModelConfig
 from engine.models.rope import RotaryEmbedding, apply_rope
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each [T, 1, Dh]
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sums over a tensor-parallel group
 FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what csrc/fused_ops.cpp computes
 
 
@@ -52,20 +57,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_size: int = 1) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
+        self.num_heads = cfg.num_heads // tp_size
+        self.num_kv_heads = cfg.num_kv_heads // tp_size
         self.head_dim = cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         # q, k and v share one matmul; their rows are stacked in that order.
         self.qkv_proj = nn.Linear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.output_bias)
         self.fused_ops = False
+        self.all_reduce: AllReduce | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope, attention: StepAttention) -> torch.Tensor:
         # x: [T, D]
@@ -84,29 +90,32 @@ class Attention(nn.Module):
         if not fused:
             q, k = apply_rope(q, k, *rope)
         out = attention(self.layer_idx, q, k, v)  # [T, H, Dh]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        out = self.o_proj(out.reshape(num_tokens, self.q_size))
+        return out if self.all_reduce is None else self.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp_size: int = 1) -> None:
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
+        self.intermediate_size = cfg.intermediate_size // tp_size
         # gate and up share one matmul: rows [0, I) are gate, [I, 2I) are up.
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=False)
+        self.all_reduce: AllReduce | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        out = self.down_proj(F.silu(gate) * up)
+        return out if self.all_reduce is None else self.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp_size: int = 1) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, tp_size)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp_size)
 
     def forward(self, x: torch.Tensor, rope: Rope, attention: StepAttention) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, attention)
@@ -132,12 +141,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp_size: int = 1) -> None:
         super().__init__()
         self.config = cfg
+        self.tp_size = tp_size
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp_size) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -183,6 +193,12 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (LlamaForCausalLM, Attention, RMSNorm)):
                 module.fused_ops = enabled
+
+    def set_all_reduce(self, all_reduce: AllReduce) -> None:
+        """The sum over the tensor-parallel group this slice belongs to."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.all_reduce = all_reduce
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, D] -> logits [N, V], always float32 for the sampler

@@ -1,7 +1,9 @@
 """Builds a LlamaForCausalLM from a ModelSource, in the engine's dtype.
 
 Both formats are first read as Hugging Face names; `_copy_weights` then packs
-q/k/v and gate/up into the fused projections the model uses.
+q/k/v and gate/up into the fused projections the model uses. A tensor-parallel rank
+(`rank` of `size`, engine/parallel.py) keeps its slice: rows of q/k/v and gate/up
+(whole heads), columns of o_proj and down_proj; an o_proj bias is added by rank 0 only.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from engine.models.gguf_format import BlockWeights, GGUFModel, concat_block_weig
 from engine.models.hf_format import iter_hf_tensors, read_hf_config
 from engine.models.llama import LlamaForCausalLM
 from engine.models.source import ModelSource
+from engine.parallel import shard_columns, shard_rows
 
 _FUSED = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|gate|up)_proj\.(weight|bias)")
 _QKV_ORDER = {"q": 0, "k": 1, "v": 2}
 _GATE_UP_ORDER = {"gate": 0, "up": 1}
+_ROW_PARALLEL = re.compile(r"layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)")
 
 
 def read_model_config(source: ModelSource) -> ModelConfig:
@@ -29,14 +33,18 @@ def read_model_config(source: ModelSource) -> ModelConfig:
     return read_hf_config(source.path)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int) -> LlamaForCausalLM:
+def load_model(
+    source: ModelSource, dtype: torch.dtype, max_positions: int, rank: int = 0, size: int = 1
+) -> LlamaForCausalLM:
     if source.kind == "gguf":
         gguf = GGUFModel(source.path)
         cfg, tensors = gguf.config(), gguf.tensors()
     else:
         cfg, tensors = read_hf_config(source.path), iter_hf_tensors(source.path)
+    if size > 1:
+        tensors = (_shard(name, tensor, rank, size) for name, tensor in tensors)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = LlamaForCausalLM(cfg, max_positions, size)
     model = model.to_empty(device="cpu")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -45,13 +53,39 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int) -> L
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def load_block_weights(source: ModelSource, cfg: ModelConfig) -> dict[str, BlockWeights]:
+def _shard(name: str, tensor: torch.Tensor, rank: int, size: int) -> tuple[str, torch.Tensor]:
+    """Rank's slice of one checkpoint tensor (whole for the replicated ones)."""
+    if _FUSED.fullmatch(name):
+        return name, shard_rows(tensor, rank, size)
+    if _ROW_PARALLEL.fullmatch(name):
+        if name.endswith("bias"):
+            return name, tensor if rank == 0 else torch.zeros_like(tensor)
+        return name, shard_columns(tensor, rank, size)
+    return name, tensor
+
+
+def load_block_weights(
+    source: ModelSource, cfg: ModelConfig, rank: int = 0, size: int = 1
+) -> dict[str, BlockWeights]:
     """The model's linear layers whose weights the checkpoint stores block-quantized, by
-    module name (a fused projection only where all its parts share one block layout).
-    Empty for a safetensors checkpoint."""
+    module name (a fused projection only where all its parts share one block layout; a
+    tensor-parallel slice only where it cuts whole blocks). Empty for a safetensors
+    checkpoint."""
     if source.kind != "gguf":
         return {}
     stored = GGUFModel(source.path).block_weights()
+    if size > 1:
+        sliced = {}
+        for name, blocks in stored.items():
+            if _FUSED.fullmatch(name):
+                sliced[name] = blocks.rows(rank, size)
+            elif _ROW_PARALLEL.fullmatch(name):
+                part = blocks.columns(rank, size)
+                if part is not None:
+                    sliced[name] = part
+            else:
+                sliced[name] = blocks
+        stored = sliced
     out: dict[str, BlockWeights] = {}
     fused_parts = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")}
     for layer in range(cfg.num_layers):

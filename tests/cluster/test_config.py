@@ -98,7 +98,7 @@ def test_a_misspelt_key_is_refused_with_its_path_and_a_suggestion(tmp_path: Path
 def test_every_bad_value_is_listed_with_its_path_and_reason(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "pools:\n  prefill: {instances: -1, tensor_parallel: 2}\n"
+        "pools:\n  prefill: {instances: -1, pipeline_parallel: 2}\n"
         "store: {kind: redis}\nrouter: {http_port: 9000, grpc_port: 9000}\n"
         "slo_classes:\n  default: {ttft_ms: 0, tpot_ms: 50, percentile: 101}\n",
     )
@@ -107,8 +107,8 @@ def test_every_bad_value_is_listed_with_its_path_and_reason(tmp_path: Path) -> N
         f"{path}: slo_classes.default.percentile: Input should be less than or equal to 100 "
         "(got 101)",
         f"{path}: pools.prefill.instances: Input should be greater than or equal to 1 (got -1)",
-        f"{path}: pools.prefill.tensor_parallel: not supported yet: the engine runs one whole "
-        "model per worker (got 2)",
+        f"{path}: pools.prefill.pipeline_parallel: not supported yet: the engine runs every "
+        "layer in each instance (got 2)",
         f"{path}: router.grpc_port: must differ from http_port (9000)",
         f"{path}: store.url: required when kind is redis, e.g. redis://redis:6379/0",
     ]

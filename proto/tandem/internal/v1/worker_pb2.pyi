@@ -332,7 +332,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("instance_id", "role", "model_id", "layout", "max_model_len", "vocab_size", "eos_token_ids", "tokenizer_json", "tokenizer_config_json", "num_blocks")
+    __slots__ = ("instance_id", "role", "model_id", "layout", "max_model_len", "vocab_size", "eos_token_ids", "tokenizer_json", "tokenizer_config_json", "num_blocks", "tensor_parallel_size")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -343,6 +343,7 @@ class InstanceInfo(_message.Message):
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     model_id: str
@@ -353,7 +354,8 @@ class InstanceInfo(_message.Message):
     tokenizer_json: bytes
     tokenizer_config_json: str
     num_blocks: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_config_json: _Optional[str] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., model_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_config_json: _Optional[str] = ..., num_blocks: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("check_invariants",)
