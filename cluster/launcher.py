@@ -249,10 +249,10 @@ class RayShards:
                 return f"a shard actor failed: {exc}"
         return ""
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool) -> None:
         import ray
 
-        if self.runs:
+        if self.runs and graceful:
             ray.wait(self.runs, num_returns=len(self.runs), timeout=10)
         for actor in self.actors:
             with contextlib.suppress(Exception):

@@ -24,7 +24,7 @@ from typing import Any
 from cluster.config import ConfigError, TandemConfig, load_config
 from cluster.config_apply import api_keys, store_options
 
-COLUMNS = ("instance", "role", "address", "healthy", "running", "waiting", "kv", "seen")
+COLUMNS = ("instance", "role", "address", "tp", "healthy", "running", "waiting", "kv", "seen")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -69,6 +69,7 @@ async def _from_store(config: TandemConfig) -> list[dict[str, Any]]:
             "instance": r.instance_id,
             "role": r.role,
             "address": r.address,
+            "tp": r.capabilities.tensor_parallel,
             "healthy": True,  # in the store: heartbeated within its ttl
             "running": r.load.get("num_running"),
             "waiting": r.load.get("num_waiting"),
@@ -98,6 +99,7 @@ def _from_router(url: str, keys: list[str]) -> list[dict[str, Any]]:
                 "instance": instance["instance_id"],
                 "role": instance["role"],
                 "address": instance["address"],
+                "tp": instance.get("tensor_parallel"),
                 "healthy": instance["healthy"],
                 "running": load.get("num_running"),
                 "waiting": load.get("num_waiting"),

@@ -11,11 +11,11 @@ beside the loop.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +61,7 @@ class LLMEngine(KVTransferMixin):
         self.group: TensorParallelGroup | None = None
         self._shards = shards
         self._store: object = None  # a tensor-parallel group's TCPStore, hosted here
+        self._next_group_check = 0.0
         self._init_threads()
         try:
             self._init_model()
@@ -120,13 +121,30 @@ class LLMEngine(KVTransferMixin):
         self.group = connect(self.config, 0)
         self.model.set_all_reduce(self.group.all_reduce)
 
+    def check_group(self) -> None:
+        """Raises TensorParallelError if a shard of this engine's group is gone; looks at
+        most once a second (an idle engine runs no collective that would notice)."""
+        if self.group is None or self._shards is None:
+            return
+        now = time.monotonic()
+        if now < self._next_group_check:
+            return
+        self._next_group_check = now + 1.0
+        why = self._shards.dead()
+        if why:
+            self.group.broken = why
+            raise TensorParallelError(f"tensor-parallel group {self.group.group_id}: {why}")
+
     def close(self) -> None:
         """Stops a tensor-parallel engine's shards (nothing to do for a whole model)."""
-        if self.group is not None and not self.group.broken:
-            with contextlib.suppress(TensorParallelError):  # a shard is gone already
+        graceful = self.group is not None and not self.group.broken
+        if self.group is not None and graceful:
+            try:
                 self.group.send({"op": "stop"})
+            except TensorParallelError:  # a shard is gone already
+                graceful = False
         if self._shards is not None:
-            self._shards.stop()
+            self._shards.stop(graceful)
         self.group = None
 
     def _init_kv_cache(self) -> None:

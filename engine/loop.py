@@ -102,16 +102,17 @@ class EngineLoop:
     def _run(self) -> None:
         while self._running:
             self._run_calls(block=not self.engine.has_pending_steps())
+            try:
+                self.engine.check_group()
+            except TensorParallelError:
+                self._give_up()
             if not self._running or not self.engine.has_pending_steps():
                 continue
             begin = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except TensorParallelError:
-                # A rank of the model is gone; this process cannot step again. Exit, so
-                # the router recovers its requests elsewhere and Ray starts it anew.
-                logger.critical("the tensor-parallel group broke; the worker exits", exc_info=True)
-                os._exit(EXIT_GROUP_BROKEN)
+                self._give_up()
             except Exception:  # a bug, not a request's fault: keep serving the rest
                 logger.exception("engine step failed")
                 continue
@@ -146,6 +147,13 @@ class EngineLoop:
             if len(item.token_ids) > 1 or item.start_pos < prompt_len:
                 num += len(item.token_ids)
         return num
+
+    @staticmethod
+    def _give_up() -> None:
+        """A rank of the model is gone: this process cannot step again. It exits, so the
+        router recovers its requests elsewhere and Ray starts the instance anew."""
+        logger.critical("the tensor-parallel group broke; the worker exits", exc_info=True)
+        os._exit(EXIT_GROUP_BROKEN)
 
     def _run_calls(self, block: bool) -> None:
         try:

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -102,10 +102,13 @@ class TensorParallelGroup:
         self._control = gloo_group(store, f"tp/{group_id}/control/", rank, size, host, None)
         self._compute = gloo_group(store, f"tp/{group_id}/compute/", rank, size, host, None)
 
-    def _wait(self, work: dist.Work, what: str, timeout: float | None) -> None:
+    def _run(self, start: Callable[[], dist.Work], what: str, timeout: float | None) -> None:
+        """Starts a collective and waits for it; any failure, at the start or while
+        waiting, breaks the group for good."""
         if self.broken:
             raise TensorParallelError(f"tensor-parallel group {self.group_id}: {self.broken}")
         try:
+            work = start()
             if timeout is None:
                 work.wait()
             else:
@@ -119,7 +122,7 @@ class TensorParallelGroup:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sums `tensor` over the ranks, in place; bfloat16 is summed in float32."""
         total = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
-        self._wait(self._compute.allreduce([total]), "all-reduce", STEP_TIMEOUT_S)
+        self._run(lambda: self._compute.allreduce([total]), "all-reduce", STEP_TIMEOUT_S)
         if total is not tensor:
             tensor.copy_(total)
         return tensor
@@ -131,15 +134,15 @@ class TensorParallelGroup:
         """The driver tells every shard what to do next."""
         payload = torch.frombuffer(bytearray(json.dumps(message).encode()), dtype=torch.uint8)
         length = torch.tensor([payload.numel()], dtype=torch.int64)
-        self._wait(self._control.broadcast(length, 0), "sending a step", STEP_TIMEOUT_S)
-        self._wait(self._control.broadcast(payload, 0), "sending a step", STEP_TIMEOUT_S)
+        self._run(lambda: self._control.broadcast(length, 0), "sending a step", STEP_TIMEOUT_S)
+        self._run(lambda: self._control.broadcast(payload, 0), "sending a step", STEP_TIMEOUT_S)
 
     def receive(self) -> dict[str, Any]:
         """A shard waits for the driver's next message."""
         length = torch.zeros(1, dtype=torch.int64)
-        self._wait(self._control.broadcast(length, 0), "waiting for a step", None)
+        self._run(lambda: self._control.broadcast(length, 0), "waiting for a step", None)
         payload = torch.empty(int(length.item()), dtype=torch.uint8)
-        self._wait(self._control.broadcast(payload, 0), "receiving a step", STEP_TIMEOUT_S)
+        self._run(lambda: self._control.broadcast(payload, 0), "receiving a step", STEP_TIMEOUT_S)
         message: dict[str, Any] = json.loads(payload.numpy().tobytes())
         return message
 
@@ -192,7 +195,10 @@ class ShardLauncher(Protocol):
         """Why a started shard is gone ("" while all live)."""
         ...
 
-    def stop(self) -> None: ...
+    def stop(self, graceful: bool) -> None:
+        """Waits for the shards to end after a stop message (`graceful`), then kills any
+        left; kills them at once otherwise."""
+        ...
 
 
 class ProcessShards:
@@ -213,10 +219,10 @@ class ProcessShards:
         codes = [p.returncode for p in self.processes if p.poll() is not None]
         return f"a shard process exited with status {codes[0]}" if codes else ""
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool) -> None:
         for process in self.processes:
             try:
-                process.wait(10)
+                process.wait(10 if graceful else 0.1)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)

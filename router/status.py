@@ -150,6 +150,7 @@ def instances_summary(
                 "instance_id": instance.instance_id,
                 "role": instance.role.value,
                 "address": instance.address,
+                "tensor_parallel": max(1, instance.info.tensor_parallel_size),
                 "healthy": instance.healthy,
                 "expired": instance.expired,
                 "unreachable": instance.unreachable,

@@ -123,16 +123,32 @@ def test_a_lost_rank_ends_the_requests_and_the_rest_of_the_group(model_path, pro
     engine.step()
     shards[0].kill()
     shards[0].wait(10)
-    with pytest.raises(TensorParallelError, match="rank 0"):
-        for _ in range(40):
+    with pytest.raises(TensorParallelError, match="failed on rank 0: .*Connection closed by peer"):
+        for _ in range(40):  # the next collective notices
             engine.step()
     assert rid not in engine.requests and engine.kv.pool.num_used_blocks == 0
+    later = engine.add_request(prompts[4], PARAMS)
+    with pytest.raises(TensorParallelError, match="Connection closed by peer"):
+        engine.step()  # the group stays broken
+    assert later not in engine.requests and engine.kv.pool.num_used_blocks == 0
     engine.close()
     deadline = time.monotonic() + 30
     while shards[1].is_running() and shards[1].status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "the surviving shard did not exit"
         time.sleep(0.2)
     assert kv_files(group_id) == []
+
+
+def test_an_idle_engine_notices_a_lost_rank(model_path):
+    """No step runs to notice: check_group (the engine loop calls it while idle) does."""
+    engine = LLMEngine(config(model_path))
+    processes = list(engine._shards.processes)
+    processes[1].kill()
+    processes[1].wait(10)
+    with pytest.raises(TensorParallelError, match="a shard process exited with status -9"):
+        engine.check_group()
+    engine.close()  # the survivor is killed, not waited for
+    assert [p.poll() for p in processes] == [-9, -9]
 
 
 def test_shards_exit_when_the_driver_closes(split):  # last: it ends the module's engine
