@@ -159,6 +159,23 @@ def test_the_linear_kernel_flag_reaches_every_workers_engine() -> None:
         apply_overrides(TandemConfig(), {"linear_kernel": "fast"})
 
 
+def test_each_pool_has_its_own_tensor_parallel_degree() -> None:
+    flags = {"prefill_tensor_parallel": 3}
+    config = apply_overrides(TandemConfig(), overrides_from_flags(flags))
+    specs = deployment_options(config).worker_specs("127.0.0.1:1")
+    assert {s.instance_id: s.engine_kwargs()["tensor_parallel_size"] for s in specs} == {
+        "prefill-0": 3,
+        "decode-0": 1,
+    }
+    colocated = apply_overrides(
+        TandemConfig(), {"mode": "colocated", "pools.decode.tensor_parallel": 2}
+    )
+    specs = deployment_options(colocated).worker_specs("127.0.0.1:1")
+    assert [s.tensor_parallel for s in specs] == [2]
+    with pytest.raises(ConfigError, match="tensor_parallel: Input should be greater than"):
+        apply_overrides(TandemConfig(), {"pools.decode.tensor_parallel": 0})
+
+
 def test_a_bad_override_is_refused_like_a_bad_file() -> None:
     with pytest.raises(ConfigError) as caught:
         apply_overrides(TandemConfig(), {"pools.decode.instances": 0, "router.polic": "x"})

@@ -213,10 +213,15 @@ def test_the_worker_groups_are_the_config_pools(tmp_path: Path) -> None:
     for name, group in groups.items():
         pool = getattr(config.pools, name)
         assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]
-        assert group["replicas"] == pool.instances  # one tandem worker per Pod
-        assert float(group["rayStartParams"]["num-cpus"]) == pool.resources.cpus
+        assert group["replicas"] == pool.instances  # one tandem instance per Pod
+        # All of an instance's tensor-parallel processes on its Pod (one placement group).
+        cpus = pool.resources.cpus * pool.tensor_parallel
+        assert float(group["rayStartParams"]["num-cpus"]) == cpus
         (container,) = group["template"]["spec"]["containers"]
-        assert float(container["resources"]["requests"]["cpu"]) >= pool.resources.cpus
+        assert float(container["resources"]["requests"]["cpu"]) >= cpus
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"  # shared KV
 
 
 def test_the_router_service_reaches_the_head_on_the_config_ports(tmp_path: Path) -> None:
