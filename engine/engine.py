@@ -11,11 +11,9 @@ beside the loop.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,14 +32,10 @@ from engine.models.loader import read_model_config
 from engine.models.source import resolve_model
 from engine.outputs import RequestOutput
 from engine.parallel import (
-    ProcessShards,
     ShardLauncher,
+    TensorParallelDriver,
     TensorParallelError,
-    TensorParallelGroup,
     check_divisible,
-    kv_file,
-    map_kv_layers,
-    new_group_id,
 )
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
@@ -58,10 +52,8 @@ class LLMEngine(KVTransferMixin):
 
     def __init__(self, config: EngineConfig, shards: ShardLauncher | None = None) -> None:
         self.config = config
-        self.group: TensorParallelGroup | None = None
         self._shards = shards
-        self._store: object = None  # a tensor-parallel group's TCPStore, hosted here
-        self._next_group_check = 0.0
+        self.tp: TensorParallelDriver | None = None  # with tensor_parallel_size > 1
         self._init_threads()
         try:
             self._init_model()
@@ -92,60 +84,26 @@ class LLMEngine(KVTransferMixin):
         size = self.config.tensor_parallel_size
         check_divisible(cfg, size)
         if size > 1:  # the shards load their slices while this process loads its own
-            self._start_shards()
+            self.tp = TensorParallelDriver(self.config, self._shards)
+            self.config = self.tp.config
         self.model = build_model(self.config, self.source, cfg, self.max_model_len, 0, size)
-        if size > 1:
-            self._join_group()
+        if self.tp is not None:
+            self.model.set_all_reduce(self.tp.join().all_reduce)
         self.tokenizer = load_tokenizer(self.source)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
-    def _start_shards(self) -> None:
-        from engine.kv.link import start_store
-
-        self._store, address = start_store(self.config.tp_host)
-        self.config = dataclasses.replace(
-            self.config, tp_store_address=address, tp_group_id=new_group_id()
-        )
-        if self._shards is None:
-            self._shards = ProcessShards()
-        self._shards.start(self.config, range(1, self.config.tensor_parallel_size))
-
-    def _join_group(self) -> None:
-        from engine.parallel import connect, wait_for_shards
-
-        assert self._shards is not None
-        wait_for_shards(self.config, self._shards)
-        self.group = connect(self.config, 0)
-        self.model.set_all_reduce(self.group.all_reduce)
-
     def check_group(self) -> None:
-        """Raises TensorParallelError if a shard of this engine's group is gone; looks at
-        most once a second (an idle engine runs no collective that would notice)."""
-        if self.group is None or self._shards is None:
-            return
-        now = time.monotonic()
-        if now < self._next_group_check:
-            return
-        self._next_group_check = now + 1.0
-        why = self._shards.dead()
-        if why:
-            self.group.broken = why
-            raise TensorParallelError(f"tensor-parallel group {self.group.group_id}: {why}")
+        """Raises TensorParallelError if a rank of this engine's group is gone."""
+        if self.tp is not None:
+            self.tp.check()
 
     def close(self) -> None:
-        """Stops a tensor-parallel engine's shards (nothing to do for a whole model)."""
-        graceful = self.group is not None and not self.group.broken
-        if self.group is not None and graceful:
-            try:
-                self.group.send({"op": "stop"})
-            except TensorParallelError:  # a shard is gone already
-                graceful = False
-        if self._shards is not None:
-            self._shards.stop(graceful)
-        self.group = None
+        """Stops a tensor-parallel engine's other ranks (nothing to do for a whole model)."""
+        if self.tp is not None:
+            self.tp.close()
 
     def _init_kv_cache(self) -> None:
         cfg, ecfg = self.model_config, self.config
@@ -164,24 +122,15 @@ class LLMEngine(KVTransferMixin):
         shape = backend_cls.kv_cache_shape(
             num_blocks, ecfg.block_size, cfg.num_kv_heads // size, cfg.head_dim
         )
-        if self.group is None:
+        if self.tp is None:
             layers = [torch.zeros(shape, dtype=ecfg.torch_dtype) for _ in range(cfg.num_layers)]
             self.kv_cache = PagedKVCache(layers, ecfg.block_size)
         else:  # every rank's slice in shared memory, mapped here too
-            paths = [kv_file(ecfg.tp_group_id, rank) for rank in range(size)]
-            try:
-                shards = [
-                    map_kv_layers(path, cfg.num_layers, shape, ecfg.torch_dtype) for path in paths
-                ]
-                self.group.send({"op": "kv", "num_blocks": num_blocks})
-                self.group.barrier()  # every shard has mapped its file
-            finally:
-                for path in paths:  # the mappings stay; nothing is left behind on disk
-                    if os.path.exists(path):
-                        os.unlink(path)
-            self.kv_cache = ShardedKVCache(shards, ecfg.block_size)
+            slices = self.tp.map_kv_cache(num_blocks, cfg.num_layers, shape, ecfg.torch_dtype)
+            self.kv_cache = ShardedKVCache(slices, ecfg.block_size)
         self.kv = KVCacheManager(num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.group)
+        group = None if self.tp is None else self.tp.group
+        self.runner = ModelRunner(self.model, self.backend, self.kv_cache, group)
 
     # ---- requests in -------------------------------------------------------------------
 

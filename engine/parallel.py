@@ -274,3 +274,67 @@ def connect(config: EngineConfig, rank: int) -> TensorParallelGroup:
     return TensorParallelGroup(
         _store(config), config.tp_group_id, rank, config.tensor_parallel_size, config.tp_host
     )
+
+
+class TensorParallelDriver:
+    """Rank 0's side of a group: starts the other ranks (`shards`, default child
+    processes) with a TCPStore to meet in, joins them, lays out the shared KV cache,
+    notices a lost rank, and stops them."""
+
+    def __init__(self, config: EngineConfig, shards: ShardLauncher | None = None) -> None:
+        from engine.kv.link import start_store
+
+        self._store, address = start_store(config.tp_host)
+        self.config = dataclasses.replace(
+            config, tp_store_address=address, tp_group_id=new_group_id()
+        )
+        self.shards = shards or ProcessShards()
+        self.group: TensorParallelGroup | None = None
+        self._next_check = 0.0
+        self.shards.start(self.config, range(1, config.tensor_parallel_size))
+
+    def join(self) -> TensorParallelGroup:
+        """Waits for every shard to load its slice, then forms the group."""
+        wait_for_shards(self.config, self.shards)
+        self.group = connect(self.config, 0)
+        return self.group
+
+    def map_kv_cache(
+        self, num_blocks: int, num_layers: int, shape: Sequence[int], dtype: torch.dtype
+    ) -> list[list[torch.Tensor]]:
+        """Every rank's KV slice [rank][layer], each layer of `shape` (with the rank's
+        heads), in shared memory that the shards map too. Nothing stays on disk."""
+        assert self.group is not None, "join() first"
+        paths = [kv_file(self.config.tp_group_id, r) for r in range(self.group.size)]
+        try:
+            slices = [map_kv_layers(path, num_layers, shape, dtype) for path in paths]
+            self.group.send({"op": "kv", "num_blocks": num_blocks})
+            self.group.barrier()  # every shard has mapped its file
+        finally:
+            for path in paths:  # the mappings stay valid
+                if os.path.exists(path):
+                    os.unlink(path)
+        return slices
+
+    def check(self) -> None:
+        """Raises TensorParallelError if a shard is gone. Looks at most once a second: an
+        idle engine runs no collective that would notice."""
+        now = time.monotonic()
+        if self.group is None or now < self._next_check:
+            return
+        self._next_check = now + 1.0
+        why = self.group.broken or self.shards.dead()
+        if why:
+            self.group.broken = why
+            raise TensorParallelError(f"tensor-parallel group {self.group.group_id}: {why}")
+
+    def close(self) -> None:
+        """Tells the shards to stop and waits for them; kills them if the group broke."""
+        graceful = self.group is not None and not self.group.broken
+        if self.group is not None and graceful:
+            try:
+                self.group.send({"op": "stop"})
+            except TensorParallelError:  # a shard is gone already
+                graceful = False
+        self.shards.stop(graceful)
+        self.group = None

@@ -62,7 +62,7 @@ def whole(model_path):
 
 
 def test_three_ranks_generate_the_reference_tokens(split, prompts, reference_outputs):
-    assert [p.poll() for p in split._shards.processes] == [None, None]  # two live shards
+    assert [p.poll() for p in split.tp.shards.processes] == [None, None]  # two live shards
     ids = [split.add_request(prompts[i], PARAMS) for i in CHOSEN]  # batched together
     done = run_all(split, ids)
     assert [done[i] for i in ids] == [reference_outputs[i] for i in CHOSEN]
@@ -117,13 +117,13 @@ def test_a_split_the_model_does_not_allow_is_refused_before_any_process_starts(m
 
 def test_a_lost_rank_ends_the_requests_and_the_rest_of_the_group(model_path, prompts):
     engine = LLMEngine(config(model_path))
-    shards = [psutil.Process(p.pid) for p in engine._shards.processes]
+    shards = [psutil.Process(p.pid) for p in engine.tp.shards.processes]
     group_id = engine.config.tp_group_id
     rid = engine.add_request(prompts[5], PARAMS)
     engine.step()
     shards[0].kill()
     shards[0].wait(10)
-    with pytest.raises(TensorParallelError, match="failed on rank 0: .*Connection closed by peer"):
+    with pytest.raises(TensorParallelError, match=r"failed on rank 0: .*Connection closed by peer"):
         for _ in range(40):  # the next collective notices
             engine.step()
     assert rid not in engine.requests and engine.kv.pool.num_used_blocks == 0
@@ -142,7 +142,7 @@ def test_a_lost_rank_ends_the_requests_and_the_rest_of_the_group(model_path, pro
 def test_an_idle_engine_notices_a_lost_rank(model_path):
     """No step runs to notice: check_group (the engine loop calls it while idle) does."""
     engine = LLMEngine(config(model_path))
-    processes = list(engine._shards.processes)
+    processes = list(engine.tp.shards.processes)
     processes[1].kill()
     processes[1].wait(10)
     with pytest.raises(TensorParallelError, match="a shard process exited with status -9"):
@@ -152,6 +152,6 @@ def test_an_idle_engine_notices_a_lost_rank(model_path):
 
 
 def test_shards_exit_when_the_driver_closes(split):  # last: it ends the module's engine
-    processes = list(split._shards.processes)
+    processes = list(split.tp.shards.processes)
     split.close()
     assert [p.returncode for p in processes] == [0, 0]
