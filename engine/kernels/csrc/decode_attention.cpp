@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "bf16_pairs.h"  // exp_nonpositive
@@ -114,6 +115,101 @@ inline void attend_block(
   }
 }
 
+#ifdef TANDEM_AVX512
+// attend_block with explicit AVX-512 for head dims of whole vectors (kDim = 64, 128): each
+// key and value row is converted to float32 vectors as it is read, each query row and
+// accumulator stays in registers across the block's tokens, and the online softmax runs
+// 16 scores at a time.
+template <typename scalar_t, int64_t kDim>
+inline void attend_block_avx512(
+    Scratch& s, const scalar_t* block, const Shape& shape, int64_t num_tokens,
+    int64_t head_begin, int64_t head_end) {
+  constexpr int64_t kVecs = kDim / 16;
+  const int64_t group = shape.group, block_size = shape.block_size;
+  const int64_t stride = shape.token_stride;
+  for (int64_t h = head_begin; h < head_end; ++h) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = (h - head_begin) * group + g;
+      __m512 q[kVecs];
+      for (int64_t i = 0; i < kVecs; ++i) q[i] = _mm512_loadu_ps(s.query.data() + r * kDim + 16 * i);
+      float* score = s.scores.data() + r * block_size;
+      for (int64_t t = 0; t < num_tokens; ++t) {
+        const scalar_t* key = block + t * stride + h * kDim;
+        __m512 acc = _mm512_mul_ps(q[0], tandem::load16(key));
+        for (int64_t i = 1; i < kVecs; ++i) acc = _mm512_fmadd_ps(q[i], tandem::load16(key + 16 * i), acc);
+        score[t] = _mm512_reduce_add_ps(acc);
+      }
+    }
+  }
+  for (int64_t r = 0; r < (head_end - head_begin) * group; ++r) {
+    float* score = s.scores.data() + r * block_size;
+    __m512 max16 = _mm512_set1_ps(s.running_max[r]);
+    for (int64_t j = 0; j < num_tokens; j += 16) {
+      const __mmask16 m = num_tokens - j >= 16 ? 0xFFFF : (1u << (num_tokens - j)) - 1;
+      max16 = _mm512_mask_max_ps(max16, m, max16, _mm512_maskz_loadu_ps(m, score + j));
+    }
+    const float new_max = _mm512_reduce_max_ps(max16);
+    const __m512 max = _mm512_set1_ps(new_max);
+    __m512 sum16 = _mm512_setzero_ps();
+    for (int64_t j = 0; j < num_tokens; j += 16) {
+      const __mmask16 m = num_tokens - j >= 16 ? 0xFFFF : (1u << (num_tokens - j)) - 1;
+      const __m512 e = _mm512_maskz_mov_ps(
+          m, tandem::exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, score + j), max)));
+      _mm512_mask_storeu_ps(score + j, m, e);
+      sum16 = _mm512_add_ps(sum16, e);
+    }
+    const float correction = exp_nonpositive(s.running_max[r] - new_max);
+    s.running_sum[r] = s.running_sum[r] * correction + _mm512_reduce_add_ps(sum16);
+    s.running_max[r] = new_max;
+    float* acc = s.acc.data() + r * kDim;
+    const __m512 c = _mm512_set1_ps(correction);
+    for (int64_t i = 0; i < kVecs; ++i) _mm512_storeu_ps(acc + 16 * i, _mm512_mul_ps(c, _mm512_loadu_ps(acc + 16 * i)));
+  }
+  const scalar_t* values = block + shape.half_stride;
+  for (int64_t h = head_begin; h < head_end; ++h) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = (h - head_begin) * group + g;
+      float* out = s.acc.data() + r * kDim;
+      const float* score = s.scores.data() + r * block_size;
+      __m512 acc[kVecs];
+      for (int64_t i = 0; i < kVecs; ++i) acc[i] = _mm512_loadu_ps(out + 16 * i);
+      for (int64_t t = 0; t < num_tokens; ++t) {
+        const scalar_t* value = values + t * stride + h * kDim;
+        const __m512 weight = _mm512_set1_ps(score[t]);
+        for (int64_t i = 0; i < kVecs; ++i) acc[i] = _mm512_fmadd_ps(weight, tandem::load16(value + 16 * i), acc[i]);
+      }
+      for (int64_t i = 0; i < kVecs; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
+    }
+  }
+}
+#endif
+
+// The block walk for this head_dim: AVX-512 where the CPU has it and head_dim is 64 or
+// 128, else the portable loops (which the compiler vectorizes as it can).
+template <typename scalar_t>
+inline void attend(Scratch& s, const scalar_t* block, const Shape& shape, int64_t num_tokens,
+                   int64_t head_begin, int64_t head_end) {
+#ifdef TANDEM_AVX512
+  if constexpr (!std::is_same_v<scalar_t, double>) {  // float, bfloat16, half
+    if (shape.head_dim == 64) {
+      return attend_block_avx512<scalar_t, 64>(s, block, shape, num_tokens, head_begin,
+                                               head_end);
+    }
+    if (shape.head_dim == 128) {
+      return attend_block_avx512<scalar_t, 128>(s, block, shape, num_tokens, head_begin,
+                                                head_end);
+    }
+  }
+#endif
+  if (shape.head_dim == 64) {
+    attend_block<scalar_t, 64>(s, block, shape, num_tokens, head_begin, head_end);
+  } else if (shape.head_dim == 128) {
+    attend_block<scalar_t, 128>(s, block, shape, num_tokens, head_begin, head_end);
+  } else {
+    attend_block<scalar_t, 0>(s, block, shape, num_tokens, head_begin, head_end);
+  }
+}
+
 template <typename scalar_t, typename index_t>
 void decode_attention_kernel(
     const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
@@ -159,13 +255,7 @@ void decode_attention_kernel(
         }
         const scalar_t* start = kv_ptr + block * kv_cache.stride(0);
         const int64_t num_tokens = std::min(block_size, context_len - b * block_size);
-        if (dim == 64) {
-          attend_block<scalar_t, 64>(s, start, shape, num_tokens, head_begin, head_end);
-        } else if (dim == 128) {
-          attend_block<scalar_t, 128>(s, start, shape, num_tokens, head_begin, head_end);
-        } else {
-          attend_block<scalar_t, 0>(s, start, shape, num_tokens, head_begin, head_end);
-        }
+        attend(s, start, shape, num_tokens, head_begin, head_end);
       }
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* row = out_ptr + (seq * num_heads + first_row + r) * dim;

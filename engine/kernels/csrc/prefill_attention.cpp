@@ -33,26 +33,6 @@ constexpr int64_t kTile = 32;  // queries per task
 
 using tandem::kPanel;
 
-// exp(x) for x <= 0 on 16 lanes: exp_nonpositive (bf16_pairs.h), vectorized.
-inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 round = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round),
-                                 round);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i bits =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
-
 // probs[0, width) = softmax(scale * scores[0, limit)), then zeros; bfloat16. Scores are
 // overwritten with their exponentials.
 inline void softmax_row(float* scores, int64_t limit, int64_t width, float scale,
@@ -69,7 +49,7 @@ inline void softmax_row(float* scores, int64_t limit, int64_t width, float scale
   for (int64_t j = 0; j < limit; j += 16) {
     const __mmask16 m = limit - j >= 16 ? 0xFFFF : (1u << (limit - j)) - 1;
     const __m512 v = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, scores + j), scale16, max);
-    const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive16(v));
+    const __m512 e = _mm512_maskz_mov_ps(m, tandem::exp_nonpositive16(v));
     _mm512_mask_storeu_ps(scores + j, m, e);
     sum16 = _mm512_add_ps(sum16, e);
   }
