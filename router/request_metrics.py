@@ -11,12 +11,18 @@ also recorded in the SLO windows (router.slo), by the request's slo_class.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from router.slo import SLOWindows
+
+C = TypeVar("C", "LoopHistogram", "LoopCounter")
 
 REJECT_REASONS = ("overloaded", "not_ready", "invalid_request", "unauthenticated", "no_instance")
 SUCCESS_REASONS = ("stop", "length", "abort")
@@ -48,20 +54,60 @@ def token_buckets(max_value: int) -> tuple[float, ...]:
     return tuple(buckets)
 
 
+class LoopHistogram:
+    """A Prometheus histogram for the per-token path: plain counts, no lock, one bisect
+    per observation (prometheus_client's Histogram takes a lock and walks its buckets).
+    Written only from the router's event loop; exposed as a histogram when scraped."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = list(buckets)
+        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """`count` observations of `value`."""
+        self.counts[bisect_left(self.bounds, value)] += count  # bucket le >= value
+        self.sum += value * count
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation)
+        buckets, cumulative = [], 0
+        for bound, count in zip([*map(floatToGoString, self.bounds), "+Inf"], self.counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family.add_metric([], buckets, self.sum)
+        yield family
+
+
+class LoopCounter:
+    """A Prometheus counter for the per-token path, as LoopHistogram is a histogram."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value)
+
+
 @dataclass(frozen=True)
 class RequestInstruments:
     """What RequestMetrics writes to; made once per RouterMetrics."""
 
     queue_time: Histogram
     ttft: Histogram
-    inter_token_latency: Histogram
+    inter_token_latency: LoopHistogram
     time_per_output_token: Histogram
     e2e_latency: Histogram
     request_prompt_tokens: Histogram
     request_generation_tokens: Histogram
     prompt_tokens: Counter
     prompt_tokens_cached: Counter
-    generation_tokens: Counter
+    generation_tokens: LoopCounter
     success: Counter
     failed: Counter
     rejected: Counter
@@ -75,6 +121,10 @@ class RequestInstruments:
 
         def counter(name: str, help_: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, help_, labels, registry=registry)
+
+        def loop_collector(collector: C) -> C:
+            registry.register(collector)
+            return collector
 
         success = counter(
             "tandem:request_success", "Requests finished, by reason.", ("finished_reason",)
@@ -95,10 +145,12 @@ class RequestInstruments:
                 "Time from arrival at the router to the first token.",
                 TTFT_BUCKETS,
             ),
-            inter_token_latency=histogram(
-                "tandem:inter_token_latency_seconds",
-                "Time between output tokens, per token after the first.",
-                TOKEN_LATENCY_BUCKETS,
+            inter_token_latency=loop_collector(
+                LoopHistogram(
+                    "tandem:inter_token_latency_seconds",
+                    "Time between output tokens, per token after the first.",
+                    TOKEN_LATENCY_BUCKETS,
+                )
             ),
             time_per_output_token=histogram(
                 "tandem:request_time_per_output_token_seconds",
@@ -124,7 +176,9 @@ class RequestInstruments:
             prompt_tokens_cached=counter(
                 "tandem:prompt_tokens_cached", "Prompt tokens found in a prefix cache."
             ),
-            generation_tokens=counter("tandem:generation_tokens", "Output tokens streamed."),
+            generation_tokens=loop_collector(
+                LoopCounter("tandem:generation_tokens", "Output tokens streamed.")
+            ),
             success=success,
             failed=counter("tandem:requests_failed", "Requests that ended with an error."),
             rejected=rejected,
@@ -173,11 +227,11 @@ class RequestMetrics:
         if self.last_token_time is None:
             self.first_token_time = now
             instruments.ttft.observe(now - self.arrival)
-            latencies = [0.0] * (num_tokens - 1)
+            if num_tokens > 1:
+                instruments.inter_token_latency.observe(0.0, num_tokens - 1)
         else:
-            latencies = [(now - self.last_token_time) / num_tokens] * num_tokens
-        for latency in latencies:
-            instruments.inter_token_latency.observe(latency)
+            latency = (now - self.last_token_time) / num_tokens
+            instruments.inter_token_latency.observe(latency, num_tokens)
         instruments.generation_tokens.inc(num_tokens)
         self.last_token_time = now
         self.num_output_tokens += num_tokens
