@@ -85,7 +85,7 @@ constexpr int64_t kMaxPairRows = 8;  // rows of x per bfloat16 micro-kernel call
 // split into U interleaved partial sums to keep about 8 dot products in flight.
 template <int MR>
 inline void pair_kernel(const uint32_t* x, int64_t ldx, const at::BFloat16* panel, int64_t K2,
-                        float* out) {
+                        float* out, int64_t ldo) {
   constexpr int U = MR >= 8 ? 1 : (8 + MR - 1) / MR;
   __m512 acc[U][MR];
 #pragma GCC unroll 8
@@ -116,27 +116,28 @@ inline void pair_kernel(const uint32_t* x, int64_t ldx, const at::BFloat16* pane
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
     for (int u = 1; u < U; ++u) acc[0][r] = _mm512_add_ps(acc[0][r], acc[u][r]);
-    _mm512_storeu_ps(out + r * kPanel, acc[0][r]);
+    _mm512_storeu_ps(out + r * ldo, acc[0][r]);
   }
 }
 
-// out [M, 16] = x [M, K2 pairs] . panel, x rows ldx pairs apart.
+// out [M, 16] = x [M, K2 pairs] . panel, x rows ldx pairs apart, out rows ldo floats
+// apart (default: packed, 16).
 inline void rows_of_pair_panel(const uint32_t* x, int64_t ldx, int64_t M, int64_t K2,
-                               const at::BFloat16* panel, float* out) {
+                               const at::BFloat16* panel, float* out, int64_t ldo = kPanel) {
   int64_t r = 0;
   for (; r + kMaxPairRows <= M; r += kMaxPairRows) {
-    pair_kernel<kMaxPairRows>(x + r * ldx, ldx, panel, K2, out + r * kPanel);
+    pair_kernel<kMaxPairRows>(x + r * ldx, ldx, panel, K2, out + r * ldo, ldo);
   }
   const uint32_t* x_rest = x + r * ldx;
-  float* out_rest = out + r * kPanel;
+  float* out_rest = out + r * ldo;
   switch (M - r) {
-    case 7: pair_kernel<7>(x_rest, ldx, panel, K2, out_rest); break;
-    case 6: pair_kernel<6>(x_rest, ldx, panel, K2, out_rest); break;
-    case 5: pair_kernel<5>(x_rest, ldx, panel, K2, out_rest); break;
-    case 4: pair_kernel<4>(x_rest, ldx, panel, K2, out_rest); break;
-    case 3: pair_kernel<3>(x_rest, ldx, panel, K2, out_rest); break;
-    case 2: pair_kernel<2>(x_rest, ldx, panel, K2, out_rest); break;
-    case 1: pair_kernel<1>(x_rest, ldx, panel, K2, out_rest); break;
+    case 7: pair_kernel<7>(x_rest, ldx, panel, K2, out_rest, ldo); break;
+    case 6: pair_kernel<6>(x_rest, ldx, panel, K2, out_rest, ldo); break;
+    case 5: pair_kernel<5>(x_rest, ldx, panel, K2, out_rest, ldo); break;
+    case 4: pair_kernel<4>(x_rest, ldx, panel, K2, out_rest, ldo); break;
+    case 3: pair_kernel<3>(x_rest, ldx, panel, K2, out_rest, ldo); break;
+    case 2: pair_kernel<2>(x_rest, ldx, panel, K2, out_rest, ldo); break;
+    case 1: pair_kernel<1>(x_rest, ldx, panel, K2, out_rest, ldo); break;
     default: break;
   }
 }

@@ -145,13 +145,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys,
       const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x.data());
       const int64_t ld_scores = seen_panels * kPanel;
       const at::BFloat16* k_head = k_packed.data() + h * key_panels * D2 * 2 * kPanel;
-      for (int64_t p = 0; p < seen_panels; ++p) {
+      for (int64_t p = 0; p < seen_panels; ++p) {  // S's columns [16p, 16p + 16), in place
         tandem::rows_of_pair_panel(x_pairs, D2, rows, D2, k_head + p * D2 * 2 * kPanel,
-                                   tile.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          std::memcpy(scores.data() + r * ld_scores + p * kPanel, tile.data() + r * kPanel,
-                      kPanel * sizeof(float));
-        }
+                                   scores.data() + p * kPanel, ld_scores);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t limit = offset + i0 + r / G + 1;  // keys this row sees
