@@ -30,7 +30,9 @@ import json
 import os
 import random
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +57,7 @@ class Sample:
     request_id: str = ""
     status: int = 0
     arrivals: list[float] = field(default_factory=list)  # monotonic time of each token
+    seen: list[float] = field(default_factory=list)  # StampedHttpClient: when it read each
 
 
 # ---- clients ---------------------------------------------------------------------------------
@@ -106,6 +109,99 @@ class HttpClient:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+SO_TIMESTAMPNS = 35  # Linux: the kernel stamps each received packet (CLOCK_REALTIME)
+
+
+class StampedHttpClient:
+    """HttpClient for the latency phase, timed by the kernel: a token's arrival is the
+    receive timestamp (SO_TIMESTAMPNS) of the read that completed its chunk, not the
+    moment this process got round to it. The client shares its core with the workers,
+    and its own event loop's delays are not the router's. (A read that completes
+    several chunks stamps them all with its last packet's time, which is never early.)"""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.clock_offset = time.time() - time.monotonic()  # realtime -> monotonic
+
+    async def complete(self, max_tokens: int) -> Sample:
+        loop = asyncio.get_running_loop()
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.setblocking(False)
+            await loop.sock_connect(self.sock, ("127.0.0.1", self.port))
+        body = json.dumps(
+            {"model": "default", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True}
+        ).encode()
+        await loop.sock_sendall(
+            self.sock,
+            b"POST /v1/completions HTTP/1.1\r\nHost: router\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        )
+        sample = Sample()
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            data, stamp = await self._receive()
+            buffer += data
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        sample.status = int(head.split(b" ", 2)[1])
+        if b"transfer-encoding: chunked" not in head.lower():
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(buffer) < length:
+                buffer += (await self._receive())[0]
+            return sample
+        while True:
+            size_end = buffer.find(b"\r\n")
+            size = int(buffer[:size_end], 16) if size_end >= 0 else -1
+            if size < 0 or len(buffer) < size_end + 2 + size + 2:
+                data, stamp = await self._receive()
+                buffer += data
+                continue
+            chunk = buffer[size_end + 2 : size_end + 2 + size]
+            buffer = buffer[size_end + 2 + size + 2 :]
+            if size == 0:
+                return sample
+            for event in chunk.split(b"\n\n"):
+                if not event.startswith(b"data: {"):
+                    continue
+                choice = json.loads(event[6:])
+                if not sample.request_id:
+                    sample.request_id = choice["id"]
+                if choice["choices"] and choice["choices"][0]["text"]:
+                    sample.arrivals.append(stamp - self.clock_offset)
+                    sample.seen.append(time.monotonic())
+
+    async def _receive(self) -> tuple[bytes, float]:
+        """The next bytes, and the kernel's receive time of their last packet."""
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(1 << 16, 64)
+                break
+            except BlockingIOError:
+                readable = loop.create_future()
+                loop.add_reader(self.sock.fileno(), readable.set_result, None)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(self.sock.fileno())
+        if not data:
+            raise ConnectionError("the router closed the connection")
+        stamp = time.time()
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = struct.unpack("qq", value[:16])
+                stamp = seconds + nanoseconds * 1e-9
+        return data, stamp
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
 
 
 class GrpcClient:
@@ -202,7 +298,9 @@ def rates(samples: list[Sample], wall_s: float, cpu_s: float) -> dict[str, Any]:
 
 
 def added_latency(samples: list[Sample], sent: dict[str, list[float]]) -> dict[str, Any]:
-    first, every = [], []
+    """Per token, (arrival) - (the worker's send); with kernel stamps, also what the
+    client process saw, (read by the client) - (sent), as `client_seen`."""
+    first, every, seen = [], [], []
     for sample in samples:
         times = sent.get(sample.request_id)
         if sample.status != 200 or not times or len(times) != len(sample.arrivals):
@@ -210,6 +308,7 @@ def added_latency(samples: list[Sample], sent: dict[str, list[float]]) -> dict[s
         delays = [(a - s) * 1000 for a, s in zip(sample.arrivals, times)]
         first.append(delays[0])
         every.extend(delays)
+        seen.extend((a - s) * 1000 for a, s in zip(sample.seen, times))
 
     def percentiles(ms: list[float]) -> dict[str, float]:
         if len(ms) < 2:
@@ -217,7 +316,10 @@ def added_latency(samples: list[Sample], sent: dict[str, list[float]]) -> dict[s
         cuts = statistics.quantiles(ms, n=100)
         return {"p50_ms": round(cuts[49], 3), "p99_ms": round(cuts[98], 3), "n": len(ms)}
 
-    return {"first_token": percentiles(first), "every_token": percentiles(every)}
+    added = {"first_token": percentiles(first), "every_token": percentiles(every)}
+    if seen:
+        added["client_seen"] = percentiles(seen)
+    return added
 
 
 # ---- processes -------------------------------------------------------------------------------
@@ -274,6 +376,7 @@ async def run_api(args: argparse.Namespace, api: str) -> dict[str, Any]:
     )  # fmt: skip
     port = http_port if api == "http" else grpc_port
     client_class = HttpClient if api == "http" else GrpcClient
+    stamped_class = StampedHttpClient if api == "http" else GrpcClient
     try:
         await wait_ready(http_port)
         warm = [client_class(port) for _ in range(16)]
@@ -298,7 +401,7 @@ async def run_api(args: argparse.Namespace, api: str) -> dict[str, Any]:
         runs = []
         for rate in args.latency_rates:
             samples, wall, cpu = await measured(
-                router.pid, open_loop(lambda: client_class(port), rate, 16, args.seconds)
+                router.pid, open_loop(lambda: stamped_class(port), rate, 16, args.seconds)
             )
             runs.append(
                 (rate, samples, {"rate": rate, "max_tokens": 16, **rates(samples, wall, cpu)})

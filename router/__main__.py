@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from router.errors import RouterError
-from router.server import add_front_door_arguments, front_door_options, serve
+from router.server import add_front_door_arguments, front_door_options, run, serve
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        asyncio.run(_run(args))
+        run(_run(args))
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, SIGTERM
         pass
     except (RouterError, OSError, ValueError) as e:

@@ -184,11 +184,10 @@ def _flags_given(argv: list[str]) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace, argv: list[str]) -> int:
-    import asyncio
     import logging
 
     from cluster.deployment import Deployment
-    from router.server import serve
+    from router.server import run, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -207,7 +206,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         addresses = deployment.start()
         router = config.router
-        asyncio.run(
+        run(
             serve(
                 addresses,
                 router.host,
