@@ -10,8 +10,9 @@ a model:
               one StepBatch per router (as a real engine step does), until max_tokens
 
 They send the real model's tokenizer in Info, so the router tokenizes real text. Each
-token's send time (CLOCK_MONOTONIC, shared by every process on the machine) is kept,
-and written as JSON to `--times-file` on SIGTERM: the benchmark subtracts it from the
+token's send time (CLOCK_MONOTONIC, shared by every process on the machine: the moment
+its message is handed to gRPC, after any wait in this process's own queue) is kept, and
+written as JSON to `--times-file` on SIGTERM: the benchmark subtracts it from the
 time the client received the token to get the latency the router adds.
 
     python paced_worker.py --prefill-port 7101 --decode-port 7102 --times-file t.json
@@ -35,6 +36,7 @@ from proto.tandem.internal.v1 import worker_pb2 as pb
 from proto.tandem.internal.v1 import worker_pb2_grpc
 
 NUM_BLOCKS = 1 << 20
+Outgoing = tuple[list[pb.TokenDelta], list[list[float]]]  # a step's deltas, their send times
 # Tokens the workers emit, in turn: common English words of the real vocabulary.
 WORDS = [
     "the",
@@ -95,7 +97,8 @@ class PacedWorkers:
         self.step_s = step_s
         self.running: dict[str, _Running] = {}
         self.finished: dict[str, list[float]] = {}  # request id -> send time of each token
-        self.subscribers: dict[str, asyncio.Queue[pb.StepBatch]] = {}
+        # Per router: each step's batch, with the send-time lists of its requests.
+        self.subscribers: dict[str, asyncio.Queue[Outgoing]] = {}
         self.prefills = 0
 
     def info(self, instance_id: str, role: str) -> pb.InstanceInfo:
@@ -129,20 +132,20 @@ class PacedWorkers:
         while True:
             next_step += self.step_s
             await asyncio.sleep(max(0.0, next_step - loop.time()))
-            batches: dict[str, list[pb.TokenDelta]] = {}
-            now = time.monotonic()
+            batches: dict[str, Outgoing] = {}
             for request_id, request in list(self.running.items()):
                 if request.next_index == 0:
                     continue  # its first token is the prefill's to send
                 delta = self.delta(request_id, request)
-                request.send_times.append(now)
-                batches.setdefault(request.router_id, []).append(delta)
+                deltas, senders = batches.setdefault(request.router_id, ([], []))
+                deltas.append(delta)
+                senders.append(request.send_times)
                 if delta.finished:
                     self.finish(request_id)
-            for router_id, deltas in batches.items():
+            for router_id, (deltas, senders) in batches.items():
                 queue = self.subscribers.get(router_id)
                 if queue is not None:
-                    queue.put_nowait(pb.StepBatch(deltas=deltas))
+                    queue.put_nowait((deltas, senders))
 
 
 class _Servicer(worker_pb2_grpc.WorkerServicer):
@@ -167,12 +170,16 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         )
 
     async def Subscribe(self, request, context):
-        queue: asyncio.Queue[pb.StepBatch] = asyncio.Queue()
+        queue: asyncio.Queue[Outgoing] = asyncio.Queue()
         self.workers.subscribers[request.router_id] = queue
         await context.send_initial_metadata(())
         try:
             while True:
-                yield await queue.get()
+                deltas, senders = await queue.get()
+                now = time.monotonic()
+                for send_times in senders:
+                    send_times.append(now)
+                yield pb.StepBatch(deltas=deltas)
         finally:
             self.workers.subscribers.pop(request.router_id, None)
 

@@ -128,6 +128,9 @@ class StampedHttpClient:
 
     async def complete(self, max_tokens: int) -> Sample:
         loop = asyncio.get_running_loop()
+        if self.sock is not None and self._closed_by_server():
+            self.close()  # after its keep-alive timeout
+            self.sock = None
         if self.sock is None:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -174,6 +177,13 @@ class StampedHttpClient:
                 if choice["choices"] and choice["choices"][0]["text"]:
                     sample.arrivals.append(stamp - self.clock_offset)
                     sample.seen.append(time.monotonic())
+
+    def _closed_by_server(self) -> bool:
+        assert self.sock is not None
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False  # open, nothing to read
 
     async def _receive(self) -> tuple[bytes, float]:
         """The next bytes, and the kernel's receive time of their last packet."""
