@@ -69,13 +69,18 @@ def linear_params(cfg: ModelConfig) -> dict[str, int]:
 
 def decode_weight_bytes(model: nn.Module) -> int:
     """Bytes one decode step must read: every linear layer's weight as the engine holds
-    it (plain, packed or block-quantized; the lm_head too), and the norms."""
+    it (plain, packed or block-quantized; the lm_head too), and the norms. A PackedLinear's
+    plain copy, kept for AMX tiles, is not read by a small step and is not counted."""
     kinds = (nn.Linear, PackedLinear, QuantizedLinear, RMSNorm)
     return sum(
         tensor.nbytes
         for module in model.modules()
         if isinstance(module, kinds)
-        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for name, tensor in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]
+        if not (isinstance(module, PackedLinear) and name == "weight")
     )
 
 

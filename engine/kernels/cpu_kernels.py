@@ -55,6 +55,11 @@ def _cpu_flags() -> str:
     return ""
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists `flag` (e.g. "amx_bf16") for this CPU."""
+    return flag in _cpu_flags().split()
+
+
 def _build_key() -> str:
     digest = hashlib.sha256()
     for source in SOURCES + HEADERS:

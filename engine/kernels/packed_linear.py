@@ -11,6 +11,14 @@ tenth of the machine's memory bandwidth on the AMD EPYC this was measured on;
 the packed kernel streams each weight once per call whatever the batch, and
 also wins on prefill-sized batches there (benchmarks/engine_bench.py).
 
+On a CPU with AMX tiles (`amx_bf16`: Intel Xeon since Sapphire Rapids), torch's oneDNN
+GEMM multiplies bfloat16 in the tile unit, 5-10x the packed kernel's rate from 32 rows
+up; below about 8 rows its fixed cost loses to the packed kernel (3.5x at one row). A
+bfloat16 `PackedLinear` there keeps the plain weight as well and hands calls of
+MATRIX_ROWS rows or more to `F.linear`: prefill and big decode batches on the tiles,
+small decode batches streamed by the kernel, at the price of a second copy of the
+weights (the tied lm_head's is the embedding's own).
+
 `pack_linears(model, blocks)` keeps the weights a GGUF file stores block-quantized
 (engine.models.gguf_format.BlockWeights: Q4_0, Q4_1, Q8_0) in their blocks, as a
 `QuantizedLinear`: 4-bit weights stream from memory at 6 bits instead of 32, and the
@@ -30,25 +38,34 @@ from engine.kernels import cpu_kernels
 from engine.models.gguf_format import BLOCK, BlockWeights
 
 PANEL = 16  # output columns per panel (csrc/packed_linear.cpp)
+# Rows from which F.linear on AMX tiles beats the packed kernel (bfloat16, 2 threads:
+# 6-8 rows on SmolLM2's shapes, the 49,152-wide lm_head first).
+MATRIX_ROWS = 8
 
 
 class PackedLinear(nn.Module):
     """`nn.Linear`'s forward, computed from a packed copy of its weight (float32 accumulation)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, matrix_unit: bool = False) -> None:
+        """`matrix_unit`: also keep the plain weight, for calls of MATRIX_ROWS rows or
+        more (a bfloat16 weight on a CPU with AMX tiles)."""
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         packed = torch.ops.tandem.pack_linear_weight(linear.weight.detach())
         self.register_buffer("packed_weight", packed)  # [ceil(N / 16), K, 16]
+        self.register_buffer("weight", linear.weight.detach() if matrix_unit else None)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, K] -> [T, N]
+        if self.weight is not None and x.shape[0] >= MATRIX_ROWS:
+            return nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.tandem.packed_linear(x, self.packed_weight, self.out_features, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        tiles = ", tiles from {MATRIX_ROWS} rows" if self.weight is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed{tiles}"
 
 
 class QuantizedLinear(nn.Module):
@@ -116,10 +133,12 @@ def pack_linears(model: nn.Module, blocks: Mapping[str, BlockWeights] | None = N
     its weight (by module name), else a `PackedLinear`; returns how many.
 
     A weight tied to another module (the lm_head to the embedding) is packed as a
-    copy; the embedding keeps the original for its row lookups.
+    copy; the embedding keeps the original for its row lookups. bfloat16 weights on a CPU
+    with AMX tiles keep their plain copy as well (see the module's docstring).
     """
     cpu_kernels.load()
     blocks = blocks or {}
+    tiles = cpu_kernels.cpu_has("amx_bf16")
     targets = [
         (f"{prefix}.{name}".lstrip("."), parent, name, child)
         for prefix, parent in model.named_modules()
@@ -135,5 +154,6 @@ def pack_linears(model: nn.Module, blocks: Mapping[str, BlockWeights] | None = N
                 )
             setattr(parent, name, QuantizedLinear(blocks[path], child.bias))
         else:
-            setattr(parent, name, PackedLinear(child))
+            matrix_unit = tiles and child.weight.dtype == torch.bfloat16
+            setattr(parent, name, PackedLinear(child, matrix_unit))
     return len(targets)

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import cpu_kernels
-from engine.kernels.packed_linear import PackedLinear, pack_linears, resolve_linear_kernel
+from engine.kernels.packed_linear import (
+    MATRIX_ROWS,
+    PackedLinear,
+    pack_linears,
+    resolve_linear_kernel,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,6 +99,37 @@ def test_pack_linears_swaps_every_linear_and_keeps_the_outputs():
         torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
     # The embedding keeps the tied weight for its lookups.
     assert isinstance(model.embed.weight, nn.Parameter) and model.embed.weight.shape == (50, 24)
+
+
+@pytest.mark.parametrize("num_rows", [1, MATRIX_ROWS - 1, MATRIX_ROWS, 3 * MATRIX_ROWS + 5])
+def test_a_bfloat16_layer_for_amx_tiles_gives_f_linear_at_every_row_count(num_rows):
+    # Below MATRIX_ROWS rows the packed kernel runs, from there F.linear on the plain copy:
+    # both are nn.Linear's result (the packed kernel rounds once, as above).
+    generator = torch.Generator().manual_seed(num_rows)
+    linear = nn.Linear(576, 100).to(torch.bfloat16)
+    layer = PackedLinear(linear, matrix_unit=True)
+    x = torch.randn(num_rows, 576, generator=generator).to(torch.bfloat16)
+    with torch.inference_mode():
+        y = layer(x)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16)
+    torch.testing.assert_close(y, expected, rtol=0.02, atol=0.125)
+    assert layer.weight is not None and layer.weight.data_ptr() == linear.weight.data_ptr()
+
+
+def test_pack_linears_keeps_the_plain_weight_only_for_bfloat16_on_amx(monkeypatch):
+    model = _TwoLayers().eval()
+    monkeypatch.setattr(cpu_kernels, "cpu_has", lambda flag: flag == "amx_bf16")
+    pack_linears(model)
+    assert model.hidden.weight is None  # float32: the packed kernel only
+    model = _TwoLayers().to(torch.bfloat16).eval()
+    pack_linears(model)
+    assert model.hidden.weight is not None and model.head.weight is not None
+    # The tied lm_head's plain copy is the embedding's weight itself, not a second one.
+    assert model.head.weight.data_ptr() == model.embed.weight.data_ptr()
+    monkeypatch.setattr(cpu_kernels, "cpu_has", lambda flag: False)
+    model = _TwoLayers().to(torch.bfloat16).eval()
+    pack_linears(model)
+    assert model.hidden.weight is None
 
 
 def test_auto_resolves_to_the_quantized_kernel_where_it_builds():
