@@ -11,13 +11,15 @@ tenth of the machine's memory bandwidth on the AMD EPYC this was measured on;
 the packed kernel streams each weight once per call whatever the batch, and
 also wins on prefill-sized batches there (benchmarks/engine_bench.py).
 
-On a CPU with AMX tiles (`amx_bf16`: Intel Xeon since Sapphire Rapids), torch's oneDNN
-GEMM multiplies bfloat16 in the tile unit, 5-10x the packed kernel's rate from 32 rows
-up; below about 8 rows its fixed cost loses to the packed kernel (3.5x at one row). A
-bfloat16 `PackedLinear` there keeps the plain weight as well and hands calls of
-MATRIX_ROWS rows or more to `F.linear`: prefill and big decode batches on the tiles,
-small decode batches streamed by the kernel, at the price of a second copy of the
-weights (the tied lm_head's is the embedding's own).
+On a CPU with AMX tiles (`amx_bf16`: Intel Xeon since Sapphire Rapids), the kernel
+multiplies bfloat16 weights on the tiles itself (csrc/packed_linear.cpp reads the pair
+layout as TDPBF16PS's B tile): a decode step's 1-64 rows then cost about what one row
+does, the weights streamed once. torch's oneDNN GEMM, also on the tiles, blocks its
+work for big calls and wins from about 128 rows (a 512-token prefill: 5-10x the
+kernel's rate). A bfloat16 `PackedLinear` there keeps the plain weight as well and hands
+calls of `matrix_rows` rows or more to `F.linear`, at the price of a second copy of the
+weights (the tied lm_head's is the embedding's own). Where the tiles cannot be used by
+the kernel (a compiler without AMX), the vector micro-kernel loses to oneDNN from 8 rows.
 
 `pack_linears(model, blocks)` keeps the weights a GGUF file stores block-quantized
 (engine.models.gguf_format.BlockWeights: Q4_0, Q4_1, Q8_0) in their blocks, as a
@@ -38,8 +40,9 @@ from engine.kernels import cpu_kernels
 from engine.models.gguf_format import BLOCK, BlockWeights
 
 PANEL = 16  # output columns per panel (csrc/packed_linear.cpp)
-# Rows from which F.linear on AMX tiles beats the packed kernel (bfloat16, 2 threads:
-# 6-8 rows on SmolLM2's shapes, the 49,152-wide lm_head first).
+# Rows from which F.linear (oneDNN, on AMX tiles) beats the packed kernel, bfloat16, 2
+# threads, SmolLM2's shapes: the kernel on the tiles, or on vector registers.
+TILE_MATRIX_ROWS = 128
 MATRIX_ROWS = 8
 
 
@@ -47,7 +50,7 @@ class PackedLinear(nn.Module):
     """`nn.Linear`'s forward, computed from a packed copy of its weight (float32 accumulation)."""
 
     def __init__(self, linear: nn.Linear, matrix_unit: bool = False) -> None:
-        """`matrix_unit`: also keep the plain weight, for calls of MATRIX_ROWS rows or
+        """`matrix_unit`: also keep the plain weight, for calls of `matrix_rows` rows or
         more (a bfloat16 weight on a CPU with AMX tiles)."""
         super().__init__()
         self.in_features = linear.in_features
@@ -56,15 +59,16 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed_weight", packed)  # [ceil(N / 16), K, 16]
         self.register_buffer("weight", linear.weight.detach() if matrix_unit else None)
         self.bias = linear.bias
+        self.matrix_rows = TILE_MATRIX_ROWS if torch.ops.tandem.amx_tiles() else MATRIX_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, K] -> [T, N]
-        if self.weight is not None and x.shape[0] >= MATRIX_ROWS:
+        if self.weight is not None and x.shape[0] >= self.matrix_rows:
             return nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.tandem.packed_linear(x, self.packed_weight, self.out_features, self.bias)
 
     def extra_repr(self) -> str:
-        tiles = ", tiles from {MATRIX_ROWS} rows" if self.weight is not None else ""
+        tiles = f", F.linear from {self.matrix_rows} rows" if self.weight is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, packed{tiles}"
 
 

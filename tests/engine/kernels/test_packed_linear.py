@@ -12,6 +12,7 @@ from torch import nn
 from engine.kernels import cpu_kernels
 from engine.kernels.packed_linear import (
     MATRIX_ROWS,
+    TILE_MATRIX_ROWS,
     PackedLinear,
     pack_linears,
     resolve_linear_kernel,
@@ -101,13 +102,15 @@ def test_pack_linears_swaps_every_linear_and_keeps_the_outputs():
     assert isinstance(model.embed.weight, nn.Parameter) and model.embed.weight.shape == (50, 24)
 
 
-@pytest.mark.parametrize("num_rows", [1, MATRIX_ROWS - 1, MATRIX_ROWS, 3 * MATRIX_ROWS + 5])
+@pytest.mark.parametrize("num_rows", [1, 15, 16, 17, MATRIX_ROWS, TILE_MATRIX_ROWS + 5])
 def test_a_bfloat16_layer_for_amx_tiles_gives_f_linear_at_every_row_count(num_rows):
-    # Below MATRIX_ROWS rows the packed kernel runs, from there F.linear on the plain copy:
-    # both are nn.Linear's result (the packed kernel rounds once, as above).
+    # Below matrix_rows the packed kernel runs (on AMX tiles where it can: 16 rows a
+    # tile, the last one padded), from there F.linear on the plain copy: both are
+    # nn.Linear's result (the packed kernel rounds once, as above).
     generator = torch.Generator().manual_seed(num_rows)
     linear = nn.Linear(576, 100).to(torch.bfloat16)
     layer = PackedLinear(linear, matrix_unit=True)
+    assert layer.matrix_rows in (MATRIX_ROWS, TILE_MATRIX_ROWS)
     x = torch.randn(num_rows, 576, generator=generator).to(torch.bfloat16)
     with torch.inference_mode():
         y = layer(x)
