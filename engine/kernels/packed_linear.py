@@ -49,6 +49,8 @@ MATRIX_ROWS = 8
 class PackedLinear(nn.Module):
     """`nn.Linear`'s forward, computed from a packed copy of its weight (float32 accumulation)."""
 
+    weight: torch.Tensor | None  # the plain weight, for F.linear (a buffer; see __init__)
+
     def __init__(self, linear: nn.Linear, matrix_unit: bool = False) -> None:
         """`matrix_unit`: also keep the plain weight, for calls of `matrix_rows` rows or
         more (a bfloat16 weight on a CPU with AMX tiles)."""
