@@ -63,6 +63,31 @@ class Sample:
 # ---- clients ---------------------------------------------------------------------------------
 
 
+def completion_request(max_tokens: int) -> bytes:
+    """A streamed /v1/completions request of PROMPT, as HTTP/1.1 bytes."""
+    body = json.dumps(
+        {"model": "default", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True}
+    ).encode()
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nHost: router\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+def read_tokens(chunk: bytes, sample: Sample) -> int:
+    """The tokens in one chunk of SSE events (a chunk with text is one token); the
+    request's id goes to `sample` from its first event."""
+    num_tokens = 0
+    for event in chunk.split(b"\n\n"):
+        if not event.startswith(b"data: {"):
+            continue
+        choice = json.loads(event[6:])
+        if not sample.request_id:
+            sample.request_id = choice["id"]
+        num_tokens += bool(choice["choices"] and choice["choices"][0]["text"])
+    return num_tokens
+
+
 class HttpClient:
     """One keep-alive HTTP/1.1 connection; one streamed completion at a time."""
 
@@ -77,13 +102,7 @@ class HttpClient:
             self.close()
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
-        body = json.dumps(
-            {"model": "default", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True}
-        ).encode()
-        self.writer.write(
-            b"POST /v1/completions HTTP/1.1\r\nHost: router\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        self.writer.write(completion_request(max_tokens))
         sample = Sample()
         head = await self.reader.readuntil(b"\r\n\r\n")
         sample.status = int(head.split(b" ", 2)[1])
@@ -97,14 +116,7 @@ class HttpClient:
             if size == 0:
                 return sample
             now = time.monotonic()
-            for event in data.split(b"\n\n"):
-                if not event.startswith(b"data: {"):
-                    continue
-                choice = json.loads(event[6:])
-                if not sample.request_id:
-                    sample.request_id = choice["id"]
-                if choice["choices"] and choice["choices"][0]["text"]:
-                    sample.arrivals.append(now)
+            sample.arrivals.extend(now for _ in range(read_tokens(data, sample)))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -137,14 +149,7 @@ class StampedHttpClient:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.setblocking(False)
             await loop.sock_connect(self.sock, ("127.0.0.1", self.port))
-        body = json.dumps(
-            {"model": "default", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True}
-        ).encode()
-        await loop.sock_sendall(
-            self.sock,
-            b"POST /v1/completions HTTP/1.1\r\nHost: router\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
-        )
+        await loop.sock_sendall(self.sock, completion_request(max_tokens))
         sample = Sample()
         buffer = b""
         while b"\r\n\r\n" not in buffer:
@@ -168,15 +173,9 @@ class StampedHttpClient:
             buffer = buffer[size_end + 2 + size + 2 :]
             if size == 0:
                 return sample
-            for event in chunk.split(b"\n\n"):
-                if not event.startswith(b"data: {"):
-                    continue
-                choice = json.loads(event[6:])
-                if not sample.request_id:
-                    sample.request_id = choice["id"]
-                if choice["choices"] and choice["choices"][0]["text"]:
-                    sample.arrivals.append(stamp - self.clock_offset)
-                    sample.seen.append(time.monotonic())
+            num_tokens = read_tokens(chunk, sample)
+            sample.arrivals.extend(stamp - self.clock_offset for _ in range(num_tokens))
+            sample.seen.extend(time.monotonic() for _ in range(num_tokens))
 
     def _closed_by_server(self) -> bool:
         assert self.sock is not None

@@ -32,7 +32,12 @@ SOURCES = [
     _CSRC / "packed_linear.cpp",
     _CSRC / "prefill_attention.cpp",
 ]
-HEADERS = [_CSRC / "bf16_pairs.h"]
+HEADERS = [
+    _CSRC / "bf16_pairs.h",
+    _CSRC / "decode_attention.h",
+    _CSRC / "decode_attention_avx512.h",
+    _CSRC / "tile_linear.h",
+]
 # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header; without it, it runs serially.
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 

@@ -48,11 +48,7 @@
 
 #include "bf16_pairs.h"  // TANDEM_BF16_PAIRS: the pair micro-kernel
 
-#if defined(TANDEM_BF16_PAIRS) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define TANDEM_AMX 1
-#endif
+#include "tile_linear.h"  // TANDEM_AMX: the pair layout on AMX tiles
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -309,68 +305,26 @@ at::Tensor dequantize_linear_weight(const at::Tensor& codes, const at::Tensor& s
 }
 
 #ifdef TANDEM_AMX
-// The pair layout is what AMX's TDPBF16PS takes as its B tile: 16 pairs of K (tile rows)
-// by 16 columns of bfloat16 pairs (64 bytes), so a panel is read in place, 1 KB a tile.
-// Rows of x go in 16 at a time as the A tile (16 rows by 32 bfloat16); C is 16 rows of
-// the panel's 16 float32 outputs. The tiles do a 16-row panel step in one instruction,
-// so a decode-sized call is bound by streaming the weights once, and rows beyond 16
-// re-read each panel from L1.
-
-// Linux lends the tile registers only to a process that asks (arch_prctl); once is enough.
-bool amx_permitted() {
-  static const bool permitted = [] {
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return permitted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// tmm0 = C [16 x 16 float32], tmm1 = A [16 rows x 32 bfloat16], tmm2 = B [16 pairs x 16 x 2].
-TileConfig tile_config() {
-  TileConfig config;
-  for (int t = 0; t < 3; ++t) {
-    config.bytes_per_row[t] = 64;
-    config.rows[t] = 16;
-  }
-  return config;
-}
-
+// x [M, K] against the pair layout on AMX tiles (tile_linear.h), x's rows padded with
+// zeros to whole A tiles of 16.
 void tile_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                       at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
   const int64_t num_panels = packed.size(0), K2 = packed.size(1);
   const int64_t row_blocks = (M + 15) / 16;
-  // x in bfloat16, its rows padded with zeros to whole A tiles.
   at::Tensor x16 = at::zeros({row_blocks * 16, K}, x.options().dtype(at::kBFloat16));
   x16.narrow(0, 0, M).copy_(x);
   const at::BFloat16* x_data = x16.data_ptr<at::BFloat16>();
   const at::BFloat16* w_data = packed.data_ptr<at::BFloat16>();
   const float* bias_data = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* y_data = y.data_ptr<float>();
-  const TileConfig config = tile_config();
   at::parallel_for(0, num_panels, 4, [&](int64_t begin, int64_t end) {
-    _tile_loadconfig(&config);
-    alignas(64) float tile[16 * kPanel];
+    tandem::load_tile_config();
+    std::vector<float> tile(row_blocks * 16 * kPanel);
     for (int64_t p = begin; p < end; ++p) {
-      const at::BFloat16* panel = w_data + p * K2 * 2 * kPanel;
-      for (int64_t block = 0; block < row_blocks; ++block) {
-        const at::BFloat16* rows = x_data + block * 16 * K;
-        _tile_zero(0);
-        for (int64_t k = 0; k < K2; k += 16) {  // 32 values of K a step
-          _tile_loadd(1, rows + 2 * k, K * sizeof(at::BFloat16));
-          _tile_loadd(2, panel + k * 2 * kPanel, 2 * kPanel * sizeof(at::BFloat16));
-          _tile_dpbf16ps(0, 1, 2);
-        }
-        _tile_stored(0, tile, kPanel * sizeof(float));
-        const int64_t block_rows = std::min<int64_t>(16, M - block * 16);
-        write_panel_columns(tile, bias_data, block_rows, N, p, y_data + block * 16 * N);
-      }
+      tandem::tile_rows_of_panel(x_data, row_blocks, K, w_data + p * K2 * 2 * kPanel, K2,
+                                 tile.data());
+      write_panel_columns(tile.data(), bias_data, M, N, p, y_data);
     }
     _tile_release();
   });
@@ -386,7 +340,7 @@ void pair_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::T
   const int64_t num_panels = packed.size(0), K2 = packed.size(1);
   TORCH_CHECK(2 * K2 == K, "packed_linear: the pair layout needs an even K, got ", K);
 #ifdef TANDEM_AMX
-  if (K % 32 == 0 && amx_permitted()) return tile_linear_impl(x, packed, bias, y);
+  if (K % 32 == 0 && tandem::amx_permitted()) return tile_linear_impl(x, packed, bias, y);
 #endif
   const at::Tensor x16 = x.to(at::kBFloat16).contiguous();
   const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x16.data_ptr<at::BFloat16>());
@@ -406,7 +360,7 @@ void pair_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::T
 // Whether bfloat16 pair-layout weights are multiplied on AMX tiles in this process.
 bool amx_tiles() {
 #ifdef TANDEM_AMX
-  return amx_permitted();
+  return tandem::amx_permitted();
 #else
   return false;
 #endif
