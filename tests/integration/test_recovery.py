@@ -34,7 +34,10 @@ from proto.tandem.internal.v1 import worker_pb2 as pb
 from proto.tandem.internal.v1 import worker_pb2_grpc
 from tests.integration.serving import RouterThread, metric_samples, wait_all_free, worker_status
 
-LONG_OUTPUT, SHORT_OUTPUT = 16, 64
+LONG_OUTPUT = 16
+# The short requests ignore EOS and run long enough that decode-0 still holds some of
+# them when the last prompt has been handed off, however fast the machine decodes.
+SHORT_OUTPUT = 192
 
 
 REQUEST_COUNTERS = (
@@ -56,7 +59,11 @@ def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 
 def run_concurrently(
-    url: str, prompts: list[list[int]], max_tokens: int, while_running: Callable[[], None]
+    url: str,
+    prompts: list[list[int]],
+    max_tokens: int,
+    while_running: Callable[[], None],
+    ignore_eos: bool = False,
 ):
     """Greedy completions of the prompts, all at once; `while_running()` runs meanwhile.
     Returns each request's token ids (or its error response)."""
@@ -68,6 +75,7 @@ def run_concurrently(
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "return_token_ids": True,
+            "ignore_eos": ignore_eos,
         }
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
         if response.status_code == 200:
@@ -117,7 +125,9 @@ def test_workers_killed_under_load_lose_no_request(deployment, prompts, referenc
     with RouterThread(deployment.addresses) as router:
         url = router.url
         expected_long = [reference_outputs[i][:LONG_OUTPUT] for i in longest]  # transformers'
-        expected_short = run_concurrently(url, short_prompts, SHORT_OUTPUT, lambda: None)
+        expected_short = run_concurrently(
+            url, short_prompts, SHORT_OUTPUT, lambda: None, ignore_eos=True
+        )
 
         # 1. A prefill worker dies with prompts queued, half prefilled or handing off.
         on_prefill_0: list[int] = []
@@ -149,12 +159,15 @@ def test_workers_killed_under_load_lose_no_request(deployment, prompts, referenc
         on_decode_0: list[int] = []
         drained: list[httpx.Response] = []
 
-        def kill_decode_mid_migration() -> None:
-            def all_decoding() -> bool:
-                statuses = [worker_status(d.address, False) for d in (decode_0, decode_1)]
-                return sum(s.num_running for s in statuses) == len(short_prompts)
+        handed_off_before = worker_status(prefill_1.address, False).handoffs_completed
 
-            wait_for(all_decoding, "every request decoding")
+        def kill_decode_mid_migration() -> None:
+            def all_handed_off() -> bool:
+                handed_off = worker_status(prefill_1.address, False).handoffs_completed
+                return handed_off - handed_off_before == len(short_prompts)
+
+            wait_for(all_handed_off, "every prompt handed off to a decode worker")
+            assert worker_status(decode_0.address, False).num_running >= 1
             drain = threading.Thread(
                 target=lambda: drained.append(
                     httpx.post(f"{url}/admin/instances/decode-0/drain", timeout=120)
@@ -176,7 +189,9 @@ def test_workers_killed_under_load_lose_no_request(deployment, prompts, referenc
             drain.join(120)
 
         before = counters(url)
-        results = run_concurrently(url, short_prompts, SHORT_OUTPUT, kill_decode_mid_migration)
+        results = run_concurrently(
+            url, short_prompts, SHORT_OUTPUT, kill_decode_mid_migration, ignore_eos=True
+        )
         assert results == expected_short
         assert on_decode_0[0] >= 1 and drained[0].status_code == 200
         changes = moved(before, counters(url))
