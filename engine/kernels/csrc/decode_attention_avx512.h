@@ -66,7 +66,7 @@ inline __m512 sum_lanes16(const __m512* x) {
                        _mm512_shuffle_f32x4(low, high, 0xDD));
 }
 
-// block_scores for bfloat16 keys and 16-token blocks: the query's and key's bfloat16
+// block_scores for bfloat16 keys, 16 tokens of a block (or its last, fewer): the query's and key's bfloat16
 // pairs multiplied exactly and summed in float32 by vdpbf16ps (no conversion of the keys),
 // the 16 tokens' lane sums in one sum_lanes16, the scale applied to the sums.
 template <int64_t kDim>
@@ -197,8 +197,12 @@ inline void attend_span_avx512(
     const int64_t tokens = std::min(bs, num_tokens - b * bs);
 #ifdef TANDEM_BF16_PAIRS
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (bs == 16) {
-        block_scores_bf16<kDim>(s, blocks[b], shape, tokens, head_begin, head_end, b * bs);
+      if (bs % 16 == 0) {  // the block's tokens 16 at a time
+        for (int64_t t = 0; t < tokens; t += 16) {
+          block_scores_bf16<kDim>(s, blocks[b] + t * shape.token_stride, shape,
+                                  std::min<int64_t>(16, tokens - t), head_begin, head_end,
+                                  b * bs + t);
+        }
         continue;
       }
     }
