@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "bf16_pairs.h"  // TANDEM_BF16_PAIRS: the pair micro-kernel
@@ -165,18 +166,22 @@ void rows_of_panel(const float* x, int64_t M, int64_t K, const w_t* panel, float
   }
 }
 
-// y[:, 16p : 16p + 16] = tile [M, 16] (+ bias), the columns past N left out.
+// y[:, 16p : 16p + 16] = tile [M, 16] (+ bias), the columns past N left out; y in float32,
+// or bfloat16 (rounded to nearest even, as Tensor.to rounds).
+template <typename out_t>
 void write_panel_columns(const float* tile, const float* bias, int64_t M, int64_t N, int64_t p,
-                         float* y) {
+                         out_t* y) {
   const int64_t col0 = p * kPanel;
   const int64_t width = std::min(kPanel, N - col0);
   for (int64_t r = 0; r < M; ++r) {
-    float* dst = y + r * N + col0;
+    out_t* dst = y + r * N + col0;
     const float* src = tile + r * kPanel;
     if (bias != nullptr) {
-      for (int64_t j = 0; j < width; ++j) dst[j] = src[j] + bias[col0 + j];
-    } else {
+      for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<out_t>(src[j] + bias[col0 + j]);
+    } else if constexpr (std::is_same_v<out_t, float>) {
       std::memcpy(dst, src, width * sizeof(float));
+    } else {
+      for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<out_t>(src[j]);
     }
   }
 }
@@ -293,7 +298,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& codes,
   if (bias.has_value() && bias->defined()) bias32 = bias->to(at::kFloat).contiguous();
   at::Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
   if (x.size(0) > 0) quantized_linear_impl(x32, codes, scales, bias32, y);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 // codes and scales -> the float32 weight [N, K] they hold (for tests and inspection).
@@ -305,25 +310,21 @@ at::Tensor dequantize_linear_weight(const at::Tensor& codes, const at::Tensor& s
 }
 
 #ifdef TANDEM_AMX
-// x [M, K] against the pair layout on AMX tiles (tile_linear.h), x's rows padded with
-// zeros to whole A tiles of 16.
+// x [M, K] (bfloat16, rows K apart) against the pair layout on AMX tiles (tile_linear.h).
+template <typename out_t>
 void tile_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                       at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
   const int64_t num_panels = packed.size(0), K2 = packed.size(1);
-  const int64_t row_blocks = (M + 15) / 16;
-  at::Tensor x16 = at::zeros({row_blocks * 16, K}, x.options().dtype(at::kBFloat16));
-  x16.narrow(0, 0, M).copy_(x);
-  const at::BFloat16* x_data = x16.data_ptr<at::BFloat16>();
+  const at::BFloat16* x_data = x.data_ptr<at::BFloat16>();
   const at::BFloat16* w_data = packed.data_ptr<at::BFloat16>();
   const float* bias_data = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  float* y_data = y.data_ptr<float>();
+  out_t* y_data = y.data_ptr<out_t>();
   at::parallel_for(0, num_panels, 4, [&](int64_t begin, int64_t end) {
-    tandem::load_tile_config();
-    std::vector<float> tile(row_blocks * 16 * kPanel);
+    tandem::load_tile_config(M % 16);
+    std::vector<float> tile(M * kPanel);
     for (int64_t p = begin; p < end; ++p) {
-      tandem::tile_rows_of_panel(x_data, row_blocks, K, w_data + p * K2 * 2 * kPanel, K2,
-                                 tile.data());
+      tandem::tile_rows_of_panel(x_data, M, K, w_data + p * K2 * 2 * kPanel, K2, tile.data());
       write_panel_columns(tile.data(), bias_data, M, N, p, y_data);
     }
     _tile_release();
@@ -334,19 +335,21 @@ void tile_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::T
 #ifdef TANDEM_BF16_PAIRS
 // x [M, K] in any float dtype, rounded to bfloat16, against the pair layout: on AMX tiles
 // where the CPU has them and K is a whole number of tiles, else the pair micro-kernel.
+// y is float32 or bfloat16.
+template <typename out_t>
 void pair_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                       at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
   const int64_t num_panels = packed.size(0), K2 = packed.size(1);
   TORCH_CHECK(2 * K2 == K, "packed_linear: the pair layout needs an even K, got ", K);
+  const at::Tensor x16 = x.to(at::kBFloat16).contiguous();  // no copy when x already is
 #ifdef TANDEM_AMX
-  if (K % 32 == 0 && tandem::amx_permitted()) return tile_linear_impl(x, packed, bias, y);
+  if (K % 32 == 0 && tandem::amx_permitted()) return tile_linear_impl<out_t>(x16, packed, bias, y);
 #endif
-  const at::Tensor x16 = x.to(at::kBFloat16).contiguous();
   const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x16.data_ptr<at::BFloat16>());
   const at::BFloat16* w_data = packed.data_ptr<at::BFloat16>();
   const float* bias_data = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  float* y_data = y.data_ptr<float>();
+  out_t* y_data = y.data_ptr<out_t>();
   at::parallel_for(0, num_panels, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(M * kPanel);
     for (int64_t p = begin; p < end; ++p) {
@@ -412,11 +415,18 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
               "packed_linear: N = ", N, " does not match the packed weight");
   at::Tensor bias32;
   if (bias.has_value() && bias->defined()) bias32 = bias->to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({x.size(0), N}, x.options().dtype(at::kFloat));
+  // bfloat16 x on the pair layout: y written in bfloat16 by the kernel; else float32,
+  // converted to x's dtype at the end.
+  const bool bf16_out = pairs && x.scalar_type() == at::kBFloat16;
+  at::Tensor y = at::empty({x.size(0), N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   if (x.size(0) > 0) {
     if (pairs) {
 #ifdef TANDEM_BF16_PAIRS
-      pair_linear_impl(x, packed, bias32, y);
+      if (bf16_out) {
+        pair_linear_impl<at::BFloat16>(x, packed, bias32, y);
+      } else {
+        pair_linear_impl<float>(x, packed, bias32, y);
+      }
 #else
       TORCH_CHECK(false, "packed_linear: this weight was packed for AVX512_BF16, not built here");
 #endif
@@ -426,7 +436,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
       packed_linear_impl<float>(x.to(at::kFloat).contiguous(), packed, bias32, y);
     }
   }
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 }  // namespace
