@@ -43,6 +43,7 @@ from bench_common import (
     warn_if_busy,
     write_json,
 )
+from serving.client import sse_lines_sync
 from serving.systems import Server, free_port
 
 TOKENS_BEFORE = 16
@@ -70,7 +71,7 @@ class TimedStream:
 
     def _read(self) -> None:
         with httpx.stream("POST", f"{self.url}/v1/completions", json=self.body, timeout=600) as r:
-            for line in r.iter_lines():
+            for line in sse_lines_sync(r):
                 if line.startswith("data: {"):
                     chunk = json.loads(line[6:])
                     if "error" in chunk:

@@ -4,11 +4,47 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 
 from benchmarks.serving.stats import RequestResult
 from benchmarks.serving.workloads import BenchRequest
+
+
+class SseLines:
+    """An SSE stream's lines, split where the spec splits them: at CR LF, LF or CR only.
+
+    httpx's iter_lines() splits as str.splitlines() does, also at U+2028, U+0085 and
+    other characters that a JSON string may carry unescaped (orjson and pydantic leave
+    them raw), so a token holding one would cut its event in two."""
+
+    def __init__(self) -> None:
+        self._rest = ""
+
+    def feed(self, text: str) -> list[str]:
+        """The lines that `text` completes; the unfinished rest waits for the next."""
+        text, self._rest = self._rest + text, ""
+        if text.endswith("\r"):  # perhaps the first half of a CR LF: wait for the next
+            text, self._rest = text[:-1], "\r"
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        self._rest = lines.pop() + self._rest
+        return lines
+
+
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of a streamed SSE response (SseLines)."""
+    lines = SseLines()
+    async for text in response.aiter_text():
+        for line in lines.feed(text):
+            yield line
+
+
+def sse_lines_sync(response: httpx.Response) -> Iterator[str]:
+    """sse_lines for a blocking httpx response."""
+    lines = SseLines()
+    for text in response.iter_text():
+        yield from lines.feed(text)
 
 
 def completion_body(
@@ -45,7 +81,7 @@ async def send(
             if response.status_code != 200:
                 result.error = (await response.aread()).decode(errors="replace")[:500]
                 return result
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data:"):
                     continue
                 payload = line[5:].strip()
