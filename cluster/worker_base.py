@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from engine.threads import run_torch_single_threaded
 from proto.convert import params_to_dict, token_logprobs
 from proto.tandem.internal.v1 import worker_pb2 as pb
 from proto.tandem.internal.v1 import worker_pb2_grpc
@@ -161,8 +162,10 @@ def send_blocks(
 
 
 def start_server(servicer: WorkerServicer, host: str, port: int, max_workers: int = 64) -> int:
-    """Serves the worker on host:port (0 picks a free port); returns the port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    """Serves the worker on host:port (0 picks a free port); returns the port. Handlers
+    run torch on their own thread alone (engine/threads.py)."""
+    handlers = futures.ThreadPoolExecutor(max_workers, initializer=run_torch_single_threaded)
+    server = grpc.server(handlers, options=GRPC_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -10,18 +10,21 @@ from decode_worker.service import DecodeService
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.kv.link import LinkManager, connect_store
+from engine.loop import EngineLoop
 
 
 def build(spec: WorkerSpec, shards: Any = None) -> DecodeService:
     """`shards`: how ranks 1..N-1 of a tensor-parallel engine start (engine.parallel's
     ShardLauncher; default: child processes)."""
-    engine = LLMEngine(EngineConfig(**spec.engine_kwargs()), shards)
+    loop = EngineLoop.spawn(lambda: LLMEngine(EngineConfig(**spec.engine_kwargs()), shards))
+    engine = loop.engine
     links = LinkManager(spec.instance_id, connect_store(spec.store_address), host=spec.listen_host)
-    service = DecodeService(engine, spec.instance_id, links, colocated=spec.role == "colocated")
+    colocated = spec.role == "colocated"
+    service = DecodeService(engine, spec.instance_id, links, colocated=colocated, loop=loop)
     try:
         start_server(service, spec.listen_host, spec.port)
     except BaseException:
-        engine.close()
+        loop.stop()
         raise
     service.start()
     return service

@@ -57,14 +57,16 @@ class DecodeService(WorkerServicer):
         links: LinkManager,
         colocated: bool = False,
         transfer_timeout: float = 30.0,
+        loop: EngineLoop | None = None,
     ) -> None:
+        """`loop`: one that built `engine` on its thread (EngineLoop.spawn); default, a new one."""
         super().__init__(instance_id)
         if colocated:
             self.role = "colocated"
         self.engine = engine
         self.links = links
         self.transfer_timeout = transfer_timeout
-        self.loop = EngineLoop(engine, self._on_outputs)
+        self.loop = (loop or EngineLoop(engine)).attach(self._on_outputs)
         self._lock = threading.Lock()
         self._routes: dict[str, str] = {}  # request id -> router id
         self._subscribers: dict[str, queue.Queue[pb.StepBatch | None]] = {}

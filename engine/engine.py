@@ -73,7 +73,8 @@ class LLMEngine(KVTransferMixin):
         self.layer_listener: Callable[[SchedulerOutput, int], None] | None = None
 
     def _init_threads(self) -> None:
-        torch.set_num_threads(self.config.num_threads or envs.num_threads() or os.cpu_count() or 1)
+        self.num_threads = self.config.num_threads or envs.num_threads() or os.cpu_count() or 1
+        torch.set_num_threads(self.num_threads)
 
     def _init_model(self) -> None:
         self.source = resolve_model(self.config.model)
@@ -259,6 +260,10 @@ class LLMEngine(KVTransferMixin):
         outputs, self._aborted = self._aborted, []
         if batch.is_empty:
             return outputs
+        # Torch's thread count is per thread, and a thread's first parallel operator in
+        # each library (our kernels' too) resets it to the count last set by any thread,
+        # such as an RPC handler that set 1 (engine/threads.py): so it is set every step.
+        torch.set_num_threads(self.num_threads)
         listener = self.layer_listener
         try:
             logits = self.runner.execute(

@@ -11,6 +11,10 @@ finished).
         if the engine has work: outputs = engine.step(); on_outputs(outputs); after_step()
         else: sleep until a call arrives
 
+A worker builds its engine on the loop's thread (`EngineLoop.spawn`): the engine's
+construction and its steps then share one OpenMP team (engine/threads.py says why that
+matters).
+
 Each step that ran a batch leaves a StepSample (tokens, requests, seconds) in a ring of
 the last `max_step_samples`; workers report them in Status so a router can fit how
 long a step of n tokens takes on this instance.
@@ -53,11 +57,15 @@ class StepSample:
     end_time: float  # time.time() when the step ended
 
 
+def _ignore_outputs(outputs: list[RequestOutput]) -> None:
+    pass
+
+
 class EngineLoop:
     def __init__(
         self,
         engine: LLMEngine,
-        on_outputs: Callable[[list[RequestOutput]], None],
+        on_outputs: Callable[[list[RequestOutput]], None] = _ignore_outputs,
         after_step: Callable[[], None] | None = None,
         max_step_samples: int = DEFAULT_MAX_STEP_SAMPLES,
     ) -> None:
@@ -67,20 +75,55 @@ class EngineLoop:
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._running = False
+        self._stepping = False  # start() has been called: the loop steps the engine
         self.num_steps = 0
         self.busy_seconds = 0.0
         self._samples: deque[StepSample] = deque(maxlen=max_step_samples)
         self._samples_lock = threading.Lock()  # appended on the loop thread, read by RPCs
 
+    @classmethod
+    def spawn(
+        cls, make_engine: Callable[[], LLMEngine], max_step_samples: int = DEFAULT_MAX_STEP_SAMPLES
+    ) -> EngineLoop:
+        """Starts a loop's thread and builds its engine there with make_engine(), so that
+        the engine's construction and its steps share one OpenMP team. The loop runs calls
+        but no steps until `attach` and `start`. Raises what make_engine raised."""
+        loop = cls(None, max_step_samples=max_step_samples)  # type: ignore[arg-type]
+        loop._running = True
+        loop._thread.start()
+        try:
+            loop.engine = loop.call(make_engine, timeout=None)
+        except BaseException:
+            loop._end_thread()
+            raise
+        return loop
+
+    def attach(
+        self,
+        on_outputs: Callable[[list[RequestOutput]], None],
+        after_step: Callable[[], None] | None = None,
+    ) -> EngineLoop:
+        """Sets where each step's outputs go (before `start`); returns the loop."""
+        self._on_outputs = on_outputs
+        self._after_step = after_step
+        return self
+
     def start(self) -> None:
-        self._running = True
-        self._thread.start()
+        self._stepping = True
+        if self._thread.is_alive():
+            self.submit(lambda: None)  # wakes a spawned loop waiting for calls
+        else:
+            self._running = True
+            self._thread.start()
 
     def stop(self) -> None:
+        self._end_thread()
+        self.engine.close()
+
+    def _end_thread(self) -> None:
         self._running = False
         self._calls.put(None)
         self._thread.join(timeout=10)
-        self.engine.close()
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Runs fn(*args, **kwargs) on the loop thread before the next step."""
@@ -101,7 +144,9 @@ class EngineLoop:
 
     def _run(self) -> None:
         while self._running:
-            self._run_calls(block=not self.engine.has_pending_steps())
+            self._run_calls(block=not self._stepping or not self.engine.has_pending_steps())
+            if not self._stepping:
+                continue
             try:
                 self.engine.check_group()
             except TensorParallelError:

@@ -29,6 +29,7 @@ import grpc
 
 from cluster.worker_base import send_blocks
 from engine.kv.link import KVLink, LinkError, LinkManager
+from engine.threads import run_torch_single_threaded
 from proto.tandem.internal.v1 import worker_pb2 as pb
 from proto.tandem.internal.v1 import worker_pb2_grpc
 
@@ -138,6 +139,7 @@ class HandoffSender:
         jobs.put(job)
 
     def _run(self, jobs: queue.Queue[_Job | None]) -> None:
+        run_torch_single_threaded()
         while (job := jobs.get()) is not None:
             handoff = job.handoff
             if handoff.done:

@@ -58,13 +58,15 @@ class PrefillService(WorkerServicer):
         links: LinkManager,
         deadlines: Deadlines | None = None,
         layer_groups: int = 3,
+        loop: EngineLoop | None = None,
     ) -> None:
+        """`loop`: one that built `engine` on its thread (EngineLoop.spawn); default, a new one."""
         super().__init__(instance_id)
         self.engine = engine
         self.links = links
         self.deadlines = deadlines or Deadlines()
         self.block_size = engine.config.block_size
-        self.loop = EngineLoop(engine, self._on_outputs, self._after_step)
+        self.loop = (loop or EngineLoop(engine)).attach(self._on_outputs, self._after_step)
         num_layers = len(engine.kv_cache.layers)
         groups = max(1, min(layer_groups, num_layers))
         bounds = [round(num_layers * g / groups) for g in range(groups + 1)]
