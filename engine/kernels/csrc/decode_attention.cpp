@@ -155,8 +155,8 @@ void decode_attention_kernel(
       const int64_t context_len = len_ptr[seq];
       const int64_t block_size = shape.block_size;
       const int64_t num_blocks = std::min((context_len + block_size - 1) / block_size, max_blocks);
-      // Spans of kSpanBlocks blocks; each block's read starts the prefetch of the block
-      // two after it.
+      // Spans of kSpanBlocks blocks; each block's read prefetches the block two after it
+      // (the AVX-512 walk one row at a time, as it reads the same row of its own block).
       const index_t* table = table_ptr + seq * max_blocks;
       auto block_at = [&](int64_t b) { return kv_ptr + static_cast<int64_t>(table[b]) * kv_cache.stride(0); };
       const scalar_t* blocks[kSpanBlocks];
