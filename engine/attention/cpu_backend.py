@@ -40,8 +40,9 @@ class CpuAttention(TorchAttention):
         self, q: torch.Tensor, kv_cache: torch.Tensor, plan: TorchPlan
     ) -> torch.Tensor:
         # q: [T, H, D]; kv_cache: [NB, 2, BS, KVH, D] -> [S, H, D]
+        queries = q if plan.all_single else q[plan.single_token_ids]
         return torch.ops.tandem.decode_attention(
-            q[plan.single_token_ids], kv_cache, plan.single_tables,
+            queries, kv_cache, plan.single_tables,
             plan.single_context_lens, self.scale,
         )  # fmt: skip
 

@@ -36,6 +36,11 @@ class TorchPlan:
     single_context_lens: torch.Tensor  # [S] int64
     chunks: list[_Chunk]
 
+    @property
+    def all_single(self) -> bool:
+        """Every request has one new token (a decode step): batch row i is request i."""
+        return not self.chunks
+
 
 class TorchAttention(AttentionBackend):
     name = "torch"
@@ -85,6 +90,8 @@ class TorchAttention(AttentionBackend):
         rows = kv_cache.view(-1, self.num_kv_heads, self.head_dim)  # [NB*2*BS, KVH, D]
         rows.index_copy_(0, plan.k_rows, k)
         rows.index_copy_(0, plan.v_rows, v)
+        if plan.all_single:  # no gather of q, no scatter of the output
+            return self._single_tokens(q, kv_cache, plan)
         out = torch.empty_like(q)
         if plan.single_token_ids.numel():
             out[plan.single_token_ids] = self._single_tokens(q, kv_cache, plan)
@@ -101,7 +108,8 @@ class TorchAttention(AttentionBackend):
         # Grouped-query attention by regrouping the queries: the G query heads that share
         # a KV head become G query rows of it, so each KV head is read once and SDPA runs
         # without expanding K and V (several times faster in bfloat16 on CPU).
-        qs = q[plan.single_token_ids].view(num_seqs, self.num_kv_heads, group, self.head_dim)
+        queries = q if plan.all_single else q[plan.single_token_ids]
+        qs = queries.view(num_seqs, self.num_kv_heads, group, self.head_dim)
         keys = kv_cache[:, 0][plan.single_tables]  # [S, MB, BS, KVH, D]
         values = kv_cache[:, 1][plan.single_tables]
         length = keys.shape[1] * keys.shape[2]

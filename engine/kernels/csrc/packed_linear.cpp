@@ -310,7 +310,25 @@ at::Tensor dequantize_linear_weight(const at::Tensor& codes, const at::Tensor& s
 }
 
 #ifdef TANDEM_AMX
-// x [M, K] (bfloat16, rows K apart) against the pair layout on AMX tiles (tile_linear.h).
+// y[row0 : row0 + rows, panel p's columns] = tile (+ bias); whole panels of bfloat16 16
+// values at a time, rounded as write_panel_columns rounds.
+template <typename out_t>
+void write_tile(const float* tile, const float* bias, int64_t rows, int64_t N, int64_t p,
+                out_t* y) {
+  if constexpr (std::is_same_v<out_t, at::BFloat16>) {
+    if ((p + 1) * kPanel <= N) {
+      const float* panel_bias = bias != nullptr ? bias + p * kPanel : nullptr;
+      for (int64_t r = 0; r < rows; ++r) {
+        tandem::write_bf16_row(tile + r * kPanel, panel_bias, y + r * N + p * kPanel);
+      }
+      return;
+    }
+  }
+  write_panel_columns(tile, bias, rows, N, p, y);
+}
+
+// x [M, K] (bfloat16, rows K apart) against the pair layout on AMX tiles (tile_linear.h);
+// each thread takes a range of panel pairs.
 template <typename out_t>
 void tile_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                       at::Tensor& y) {
@@ -320,14 +338,12 @@ void tile_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::T
   const at::BFloat16* w_data = packed.data_ptr<at::BFloat16>();
   const float* bias_data = bias.defined() ? bias.data_ptr<float>() : nullptr;
   out_t* y_data = y.data_ptr<out_t>();
-  at::parallel_for(0, num_panels, 4, [&](int64_t begin, int64_t end) {
-    tandem::load_tile_config(M % 16);
-    std::vector<float> tile(M * kPanel);
-    for (int64_t p = begin; p < end; ++p) {
-      tandem::tile_rows_of_panel(x_data, M, K, w_data + p * K2 * 2 * kPanel, K2, tile.data());
-      write_panel_columns(tile.data(), bias_data, M, N, p, y_data);
-    }
-    _tile_release();
+  at::parallel_for(0, (num_panels + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    tandem::tile_linear_panels(
+        x_data, M, K, w_data, K2, 2 * begin, std::min(2 * end, num_panels),
+        [&](int64_t row0, int64_t rows, int64_t p, const float* tile) {
+          write_tile(tile, bias_data, rows, N, p, y_data + row0 * N);
+        });
   });
 }
 #endif

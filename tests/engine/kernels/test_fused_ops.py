@@ -78,6 +78,33 @@ def test_rope_in_place_matches_apply_rope_and_leaves_v_alone(num_heads, num_kv_h
     assert torch.equal(v_out, v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [1536, 40])  # 40: not a whole number of vectors
+def test_silu_mul_matches_silu_of_gate_times_up(width, dtype):
+    # gate values from -100 to 100: exp must neither overflow nor lose the sign
+    gate = torch.linspace(-100, 100, 7 * width).view(7, width)
+    gate_up = torch.cat([gate, torch.randn(7, width) * 2], dim=1).to(dtype)
+    g, u = gate_up.float().split(width, dim=1)
+    expected = torch.nn.functional.silu(g) * u
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    out = torch.ops.tandem.silu_mul(gate_up)
+    assert out.dtype == dtype and out.shape == (7, width)
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_agree_on_many_rows_and_widths_off_the_vector_size(dtype):
+    """Rows of 4,096 tokens (split over threads) and a width that is not a multiple of 16
+    (the scalar path) both match the module."""
+    for rows, dim in [(4096, 576), (33, 24)]:
+        norm = _norm(dim, rows).to(dtype)
+        x = (torch.randn(rows, dim) * 3).to(dtype)
+        expected = norm(x)
+        norm.fused_ops = True
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(norm(x), expected, rtol=tol, atol=tol)
+
+
 def test_bad_shapes_are_refused_with_the_reason():
     weight = torch.ones(8)
     with pytest.raises(RuntimeError, match=r"weight must be Float \[9\], got Float \[8\]"):
@@ -90,6 +117,8 @@ def test_bad_shapes_are_refused_with_the_reason():
         torch.ops.tandem.rope_qkv_(torch.randn(2, 100), torch.ones(2, 4), torch.ones(2, 4), 2, 1, 4)
     with pytest.raises(RuntimeError, match="cos and sin must be"):
         torch.ops.tandem.rope_qkv_(torch.randn(2, 16), torch.ones(3, 4), torch.ones(3, 4), 2, 1, 4)
+    with pytest.raises(RuntimeError, match=r"gate_up must be .* \[T, 2I\], got Float \[2, 5\]"):
+        torch.ops.tandem.silu_mul(torch.randn(2, 5))
 
 
 def test_the_fused_engine_gives_the_torch_engines_tokens(model_path, prompts):
