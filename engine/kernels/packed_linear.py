@@ -13,10 +13,11 @@ also wins on prefill-sized batches there (benchmarks/engine_bench.py).
 
 On a CPU with AMX tiles (`amx_bf16`: Intel Xeon since Sapphire Rapids), the kernel
 multiplies bfloat16 weights on the tiles itself (csrc/packed_linear.cpp reads the pair
-layout as TDPBF16PS's B tile): a decode step's 1-64 rows then cost about what one row
-does, the weights streamed once. torch's oneDNN GEMM, also on the tiles, blocks its
-work for big calls and wins from about 128 rows (a 512-token prefill: 5-10x the
-kernel's rate). A bfloat16 `PackedLinear` there keeps the plain weight as well and hands
+layout as TDPBF16PS's B tile, in blocks of 32 rows by 32 columns): a decode step's rows
+cost little more than streaming the weights once, and up to 256 rows the kernel runs
+1.15-1.5x the rate of torch's oneDNN GEMM (also on the tiles), which is as fast from
+about 512 rows and 1.3-1.7x faster from 1,536 (Intel Xeon, SmolLM2's shapes, 2
+threads). A bfloat16 `PackedLinear` there keeps the plain weight as well and hands
 calls of `matrix_rows` rows or more to `F.linear`, at the price of a second copy of the
 weights (the tied lm_head's is the embedding's own). Where the tiles cannot be used by
 the kernel (a compiler without AMX), the vector micro-kernel loses to oneDNN from 8 rows.
@@ -42,7 +43,7 @@ from engine.models.gguf_format import BLOCK, BlockWeights
 PANEL = 16  # output columns per panel (csrc/packed_linear.cpp)
 # Rows from which F.linear (oneDNN, on AMX tiles) beats the packed kernel, bfloat16, 2
 # threads, SmolLM2's shapes: the kernel on the tiles, or on vector registers.
-TILE_MATRIX_ROWS = 128
+TILE_MATRIX_ROWS = 512
 MATRIX_ROWS = 8
 
 
