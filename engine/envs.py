@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """TANDEM_CACHE_DIR: converted tokenizers and built CPU kernels (default ~/.cache/tandem)."""
-    return Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem"))
+    """TANDEM_CACHE_DIR: converted tokenizers and built CPU kernels (default ~/.cache/tandem;
+    set but empty means the default too, not the working directory)."""
+    return Path(os.environ.get("TANDEM_CACHE_DIR") or Path.home() / ".cache" / "tandem")
 
 
 def num_threads() -> int | None:
