@@ -33,3 +33,25 @@ def test_a_sampled_row_draws_only_tokens_with_probability():
     sampler = Sampler()
     drawn = {sampler(logits, [_request(params)])[0] for _ in range(40)}
     assert drawn == {2, 4}
+
+
+def test_sampled_rows_follow_the_distribution():
+    # Probabilities 0.1, 0.2, 0.3, 0.4 and a token with none; 8,000 independent draws.
+    probs = torch.tensor([0.1, 0.2, 0.0, 0.3, 0.4])
+    rows = 8000
+    logits = probs.log().expand(rows, -1).contiguous()
+    params = SamplingParams(temperature=1.0)
+    drawn = torch.tensor(Sampler(seed=3)(logits, [_request(params) for _ in range(rows)]))
+    freq = torch.bincount(drawn, minlength=5).float() / rows
+    assert freq[2] == 0
+    # 4 standard deviations of a binomial frequency at 8,000 draws is at most 0.022.
+    assert torch.allclose(freq, probs, atol=0.022), freq
+
+
+def test_a_seeded_request_draws_the_same_tokens_whatever_its_batch():
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    seeded = SamplingParams(temperature=0.8, seed=1234)
+    other = SamplingParams(temperature=0.8)
+    alone = Sampler(seed=1)(logits[1:2], [_request(seeded)])
+    batched = Sampler(seed=2)(logits, [_request(other), _request(seeded), _request(other)])
+    assert batched[1] == alone[0]
