@@ -36,6 +36,7 @@ HEADERS = [
     _CSRC / "bf16_pairs.h",
     _CSRC / "decode_attention.h",
     _CSRC / "decode_attention_avx512.h",
+    _CSRC / "parallel_dynamic.h",
     _CSRC / "tile_linear.h",
 ]
 # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header; without it, it runs serially.

@@ -21,6 +21,7 @@
 #include "bf16_pairs.h"  // exp_nonpositive
 #include "decode_attention.h"
 #include "decode_attention_avx512.h"
+#include "parallel_dynamic.h"
 
 namespace {
 
@@ -132,10 +133,15 @@ void decode_attention_kernel(
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const int64_t block_bytes = kv_cache.stride(0) * static_cast<int64_t>(sizeof(scalar_t));
 
-  at::parallel_for(0, num_seqs * splits, 1, [&](int64_t begin, int64_t end) {
-    Scratch s(heads_per_task * shape.group, dim, kSpanBlocks * shape.block_size);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t seq = task / splits;
+  // Requests by context, longest first: the threads take them in turn as they finish.
+  std::vector<int64_t> order(num_seqs);
+  for (int64_t i = 0; i < num_seqs; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return len_ptr[a] > len_ptr[b]; });
+  tandem::parallel_dynamic(num_seqs * splits, [&] {
+    return [&, s = Scratch(heads_per_task * shape.group, dim, kSpanBlocks * shape.block_size)](
+               int64_t task) mutable {
+      const int64_t seq = order[task / splits];
       const int64_t head_begin = (task % splits) * heads_per_task;
       const int64_t head_end = head_begin + heads_per_task;
       const int64_t rows = heads_per_task * shape.group;
@@ -175,7 +181,7 @@ void decode_attention_kernel(
         const float inverse = s.running_sum[r] > 0.0f ? 1.0f / s.running_sum[r] : 0.0f;
         for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<scalar_t>(s.acc[r * dim + d] * inverse);
       }
-    }
+    };
   });
 }
 

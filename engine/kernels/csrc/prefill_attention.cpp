@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "bf16_pairs.h"
+#include "parallel_dynamic.h"
 
 namespace {
 
@@ -65,18 +66,35 @@ inline void softmax_row(float* scores, int64_t limit, int64_t width, float scale
   }
 }
 
-// rows [R, cols] bfloat16 (row stride ld) -> pair-layout panels [ceil(R/16), cols/2, 16, 2]
-// of the weight W = rows (N = R outputs, K = cols inputs), zero past R. cols is even.
+// rows [R, cols] bfloat16 (row stride ld, even) -> pair-layout panels [ceil(R/16), cols/2,
+// 16, 2] of the weight W = rows (N = R outputs, K = cols inputs), zero past R. cols is
+// even. A pair is one 32-bit word, copied as one.
 void pack_pairs(const at::BFloat16* rows, int64_t ld, int64_t R, int64_t cols,
                 at::BFloat16* out) {
   const int64_t panels = (R + kPanel - 1) / kPanel, pairs = cols / 2;
   std::memset(static_cast<void*>(out), 0, panels * pairs * 2 * kPanel * sizeof(at::BFloat16));
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(rows);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
   for (int64_t r = 0; r < R; ++r) {
-    at::BFloat16* panel = out + (r / kPanel) * pairs * 2 * kPanel + (r % kPanel) * 2;
-    for (int64_t i = 0; i < pairs; ++i) {
-      panel[i * 2 * kPanel] = rows[r * ld + 2 * i];
-      panel[i * 2 * kPanel + 1] = rows[r * ld + 2 * i + 1];
-    }
+    uint32_t* panel = dst + (r / kPanel) * pairs * kPanel + r % kPanel;
+    const uint32_t* row = src + r * (ld / 2);
+    for (int64_t i = 0; i < pairs; ++i) panel[i * kPanel] = row[i];
+  }
+}
+
+// V_h^T as pair-layout panels over head dims, [D/16, C2/2, 16, 2], straight from the
+// values [C, KVH, D] (no transposed copy): value c of dim d is half (c % 2) of the pair
+// (c / 2) of column d. Zero past C.
+void pack_values(const at::BFloat16* values, int64_t C, int64_t KVH, int64_t D, int64_t h,
+                 int64_t C2, at::BFloat16* out) {
+  const int64_t panel_size = (C2 / 2) * 2 * kPanel;
+  if (C2 != C) {  // the pad key of the last pair
+    for (int64_t d = 0; d < D; ++d) out[(d / kPanel) * panel_size + (C2 / 2 - 1) * 2 * kPanel + (d % kPanel) * 2 + 1] = at::BFloat16(0.0f);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const at::BFloat16* row = values + (c * KVH + h) * D;
+    at::BFloat16* pair = out + (c / 2) * 2 * kPanel + c % 2;
+    for (int64_t d = 0; d < D; ++d) pair[(d / kPanel) * panel_size + (d % kPanel) * 2] = row[d];
   }
 }
 
@@ -108,15 +126,16 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys,
   std::vector<at::BFloat16> v_packed(KVH * (D / kPanel) * (C2 / 2) * 2 * kPanel);
   const at::BFloat16* k_data = kc.data_ptr<at::BFloat16>();
   const at::BFloat16* v_data = vc.data_ptr<at::BFloat16>();
-  at::parallel_for(0, KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<at::BFloat16> v_t(D * C2, at::BFloat16(0.0f));
-    for (int64_t h = begin; h < end; ++h) {
-      pack_pairs(k_data + h * D, KVH * D, C, D, k_packed.data() + h * key_panels * D2 * 2 * kPanel);
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t d = 0; d < D; ++d) v_t[d * C2 + c] = v_data[(c * KVH + h) * D + d];
+  // Tasks: the values of each KV head (the dearer), then its keys.
+  tandem::parallel_dynamic(2 * KVH, [&] {
+    return [&](int64_t task) {
+      const int64_t h = task % KVH;
+      if (task < KVH) {
+        pack_values(v_data, C, KVH, D, h, C2, v_packed.data() + h * D * C2);
+      } else {
+        pack_pairs(k_data + h * D, KVH * D, C, D, k_packed.data() + h * key_panels * D2 * 2 * kPanel);
       }
-      pack_pairs(v_t.data(), C2, D, C2, v_packed.data() + h * D * C2);
-    }
+    };
   });
 
   at::Tensor out = at::empty({n, H, D}, q.options());
@@ -124,13 +143,13 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys,
   at::BFloat16* out_data = out.data_ptr<at::BFloat16>();
   const int64_t tiles = (n + kTile - 1) / kTile, offset = C - n;  // query i sits at offset + i
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, KVH * tiles, 1, [&](int64_t begin, int64_t end) {
+  tandem::parallel_dynamic(KVH * tiles, [&] {
     const int64_t max_rows = kTile * G;
     std::vector<at::BFloat16> x(max_rows * D);          // the tile's queries, row (i, g)
     std::vector<float> scores(max_rows * key_panels * kPanel);
     std::vector<at::BFloat16> probs(max_rows * C2);
     std::vector<float> tile(max_rows * kPanel);
-    for (int64_t task = begin; task < end; ++task) {
+    return [&, x, scores, probs, tile](int64_t task) mutable {
       // The last tiles first: they see the most keys, so threads finish together.
       const int64_t h = task % KVH, t = tiles - 1 - task / KVH;
       const int64_t i0 = t * kTile, i1 = std::min(n, i0 + kTile), rows = (i1 - i0) * G;
@@ -162,10 +181,11 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys,
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r / G, g = r % G;
           at::BFloat16* o = out_data + (i * H + h * G + g) * D + p * kPanel;
-          for (int64_t d = 0; d < kPanel; ++d) o[d] = at::BFloat16(tile[r * kPanel + d]);
+          const __m256i packed = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(tile.data() + r * kPanel));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), packed);
         }
       }
-    }
+    };
   });
   return out;
 #endif
