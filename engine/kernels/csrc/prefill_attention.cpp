@@ -84,13 +84,10 @@ void pack_pairs(const at::BFloat16* rows, int64_t ld, int64_t R, int64_t cols,
 
 // V_h^T as pair-layout panels over head dims, [D/16, C2/2, 16, 2], straight from the
 // values [C, KVH, D] (no transposed copy): value c of dim d is half (c % 2) of the pair
-// (c / 2) of column d. Zero past C.
+// (c / 2) of column d. `out` comes zeroed, so a pad key past an odd C stays 0.
 void pack_values(const at::BFloat16* values, int64_t C, int64_t KVH, int64_t D, int64_t h,
                  int64_t C2, at::BFloat16* out) {
   const int64_t panel_size = (C2 / 2) * 2 * kPanel;
-  if (C2 != C) {  // the pad key of the last pair
-    for (int64_t d = 0; d < D; ++d) out[(d / kPanel) * panel_size + (C2 / 2 - 1) * 2 * kPanel + (d % kPanel) * 2 + 1] = at::BFloat16(0.0f);
-  }
   for (int64_t c = 0; c < C; ++c) {
     const at::BFloat16* row = values + (c * KVH + h) * D;
     at::BFloat16* pair = out + (c / 2) * 2 * kPanel + c % 2;
@@ -123,7 +120,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys,
   // Per KV head: K_h as panels over keys [key_panels, D/2, 16, 2], and V_h^T as panels over
   // head dims [D/16, C2/2, 16, 2].
   std::vector<at::BFloat16> k_packed(KVH * key_panels * D2 * 2 * kPanel);
-  std::vector<at::BFloat16> v_packed(KVH * (D / kPanel) * (C2 / 2) * 2 * kPanel);
+  std::vector<at::BFloat16> v_packed(KVH * (D / kPanel) * (C2 / 2) * 2 * kPanel);  // zeros
   const at::BFloat16* k_data = kc.data_ptr<at::BFloat16>();
   const at::BFloat16* v_data = vc.data_ptr<at::BFloat16>();
   // Tasks: the values of each KV head (the dearer), then its keys.
