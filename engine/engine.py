@@ -62,7 +62,7 @@ class LLMEngine(KVTransferMixin):
             self.close()
             raise
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, kernels=self.model.fused_ops)
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._aborted: list[RequestOutput] = []

@@ -22,15 +22,17 @@ from engine.request import Request, TokenLogprobs
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, kernels: bool = False) -> None:
+        """`kernels`: tandem's C++ operators are loaded; greedy choices use row_argmax."""
         self._generator = torch.Generator().manual_seed(seed)  # for unseeded requests
         self._seeded = torch.Generator()  # re-seeded for each seeded draw
+        self._kernels = kernels
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits: [N, V] float32, row i for requests[i]. Appends logprobs to the requests."""
         raw_logprobs = _raw_logprobs(logits, requests)
         logits = self._apply_biases(logits, requests)
-        token_ids = _argmax(logits)  # [N]
+        token_ids = _argmax(logits, self._kernels)  # [N]
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows)
@@ -78,9 +80,12 @@ class Sampler:
         return picks.squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(dim=-1), the first index of each row's maximum, as max() finds it:
-    torch's CPU argmax took 1.8 ms for 48 rows of 49,152 float32 logits, max 0.6."""
+def _argmax(x: torch.Tensor, kernels: bool) -> torch.Tensor:
+    """x.argmax(dim=-1), the first index of each row's maximum. torch's CPU argmax took
+    4.9 ms for 96 rows of 49,152 float32 logits and max(dim=-1) 2.9; the C++ row_argmax
+    reads each row twice at vector width (Intel Xeon, 2 threads)."""
+    if kernels and x.dtype == torch.float32 and x.shape[-1] > 0:
+        return torch.ops.tandem.row_argmax(x.contiguous())
     return x.max(dim=-1).indices
 
 

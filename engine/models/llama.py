@@ -209,4 +209,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, D] -> logits [N, V], always float32 for the sampler
-        return self.lm_head(self.norm(hidden)).float()
+        normed = self.norm(hidden)
+        forward_float32 = getattr(self.lm_head, "forward_float32", None)  # a PackedLinear
+        if forward_float32 is not None:
+            return forward_float32(normed)
+        return self.lm_head(normed).float()

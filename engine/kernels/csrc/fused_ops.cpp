@@ -10,6 +10,8 @@
 //                                cos, sin: each token's row of the tables, [T, D]
 //   silu_mul(gate_up)            silu(gate) * up, gate_up = [gate | up] per row:
 //                                [T, 2I] -> [T, I]
+//   row_argmax(x)                the first index of each row's maximum, float32 [N, V] ->
+//                                int64 [N]: greedy sampling over the logits
 //
 // float32 or bfloat16 tensors (one dtype per call), computed in float32 and rounded once.
 //
@@ -25,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "bf16_pairs.h"  // TANDEM_AVX512, TANDEM_BF16_PAIRS, exp_nonpositive16
@@ -301,6 +304,60 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// ---- greedy choice -------------------------------------------------------------------
+
+// The first index of x[0:n]'s maximum; a NaN counts as the maximum, as in torch.max.
+inline int64_t argmax_row(const float* x, int64_t n) {
+  int64_t j = 0;
+#ifdef TANDEM_AVX512
+  // One pass for the maximum (NaNs noted apart: vmaxps drops them), one to find it.
+  __m512 max16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    max16 = _mm512_max_ps(max16, v);
+  }
+  float best = _mm512_reduce_max_ps(max16);
+  bool has_nan = nan != 0;
+  for (int64_t i = j; i < n; ++i) {
+    has_nan |= std::isnan(x[i]);
+    best = std::max(best, x[i]);
+  }
+  if (has_nan) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (std::isnan(x[i])) return i;
+    }
+  }
+  const __m512 target = _mm512_set1_ps(best);
+  for (j = 0; j + 16 <= n; j += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), target, _CMP_EQ_OQ);
+    if (hit != 0) return j + __builtin_ctz(hit);
+  }
+#endif
+  int64_t at = j;
+  for (int64_t i = j; i < n; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > x[at]) at = i;
+  }
+  return at;
+}
+
+at::Tensor row_argmax(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.size(1) > 0,
+              "row_argmax: x must be a contiguous float32 [N, V] with V > 0, got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t rows = x.size(0), width = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* data = x.data_ptr<float>();
+  int64_t* index = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) index[r] = argmax_row(data + r * width, width);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tandem, m) {
@@ -310,6 +367,7 @@ TORCH_LIBRARY_FRAGMENT(tandem, m) {
       "rope_qkv_(Tensor(a!) qkv, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, "
       "int head_dim) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("row_argmax(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) {
@@ -317,4 +375,5 @@ TORCH_LIBRARY_IMPL(tandem, CPU, m) {
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("rope_qkv_", &rope_qkv_);
   m.impl("silu_mul", &silu_mul);
+  m.impl("row_argmax", &row_argmax);
 }

@@ -105,6 +105,20 @@ def test_norms_agree_on_many_rows_and_widths_off_the_vector_size(dtype):
         torch.testing.assert_close(norm(x), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("rows, width", [(96, 49152), (5, 17), (1, 1)])  # 17: a tail past the vectors
+def test_row_argmax_picks_torch_maxs_index(rows, width):
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(width))
+    assert torch.equal(torch.ops.tandem.row_argmax(x), x.max(dim=-1).indices)
+
+
+def test_row_argmax_takes_the_first_of_equal_maxima_and_the_first_nan():
+    x = torch.zeros(3, 40)
+    x[0, 7] = x[0, 30] = 1.0  # ties: the first
+    x[1, 35] = x[1, 3] = float("nan")  # a NaN is the maximum, as in torch.max
+    x[2] = -float("inf")  # nothing above -inf: index 0
+    assert torch.ops.tandem.row_argmax(x).tolist() == [7, 3, 0] == x.max(dim=-1).indices.tolist()
+
+
 def test_bad_shapes_are_refused_with_the_reason():
     weight = torch.ones(8)
     with pytest.raises(RuntimeError, match=r"weight must be Float \[9\], got Float \[8\]"):
@@ -119,6 +133,8 @@ def test_bad_shapes_are_refused_with_the_reason():
         torch.ops.tandem.rope_qkv_(torch.randn(2, 16), torch.ones(3, 4), torch.ones(3, 4), 2, 1, 4)
     with pytest.raises(RuntimeError, match=r"gate_up must be .* \[T, 2I\], got Float \[2, 5\]"):
         torch.ops.tandem.silu_mul(torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match="row_argmax: x must be a contiguous float32"):
+        torch.ops.tandem.row_argmax(torch.randn(2, 5, dtype=torch.bfloat16))
 
 
 def test_the_fused_engine_gives_the_torch_engines_tokens(model_path, prompts):
