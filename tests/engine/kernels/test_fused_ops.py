@@ -105,7 +105,8 @@ def test_norms_agree_on_many_rows_and_widths_off_the_vector_size(dtype):
         torch.testing.assert_close(norm(x), expected, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("rows, width", [(96, 49152), (5, 17), (1, 1)])  # 17: a tail past the vectors
+# 17: a tail past the whole vectors
+@pytest.mark.parametrize("rows, width", [(96, 49152), (5, 17), (1, 1)])
 def test_row_argmax_picks_torch_maxs_index(rows, width):
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(width))
     assert torch.equal(torch.ops.tandem.row_argmax(x), x.max(dim=-1).indices)
