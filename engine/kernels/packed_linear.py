@@ -70,16 +70,6 @@ class PackedLinear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.tandem.packed_linear(x, self.packed_weight, self.out_features, self.bias)
 
-    def forward_float32(self, x: torch.Tensor) -> torch.Tensor:
-        """forward() with float32 outputs, as the packed kernel accumulates them: for the
-        logits, which a bfloat16 output would round and then widen again (a copy of 3.7
-        ms at 96 rows of a 49,152-token vocabulary)."""
-        if self.weight is not None and x.shape[0] >= self.matrix_rows:
-            return self(x).float()
-        return torch.ops.tandem.packed_linear(
-            x.float(), self.packed_weight, self.out_features, self.bias
-        )
-
     def extra_repr(self) -> str:
         tiles = f", F.linear from {self.matrix_rows} rows" if self.weight is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, packed{tiles}"

@@ -208,9 +208,6 @@ class LlamaForCausalLM(nn.Module):
                 module.all_reduce = all_reduce
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [N, D] -> logits [N, V], always float32 for the sampler
-        normed = self.norm(hidden)
-        forward_float32 = getattr(self.lm_head, "forward_float32", None)  # a PackedLinear
-        if forward_float32 is not None:
-            return forward_float32(normed)
-        return self.lm_head(normed).float()
+        # hidden: [N, D] -> logits [N, V] in the model's dtype; the sampler widens them to
+        # float32 where it does more than take each row's maximum
+        return self.lm_head(self.norm(hidden))

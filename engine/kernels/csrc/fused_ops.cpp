@@ -10,8 +10,8 @@
 //                                cos, sin: each token's row of the tables, [T, D]
 //   silu_mul(gate_up)            silu(gate) * up, gate_up = [gate | up] per row:
 //                                [T, 2I] -> [T, I]
-//   row_argmax(x)                the first index of each row's maximum, float32 [N, V] ->
-//                                int64 [N]: greedy sampling over the logits
+//   row_argmax(x)                the first index of each row's maximum, [N, V] -> int64
+//                                [N]: greedy choices over the logits
 //
 // float32 or bfloat16 tensors (one dtype per call), computed in float32 and rounded once.
 //
@@ -307,54 +307,68 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // ---- greedy choice -------------------------------------------------------------------
 
 // The first index of x[0:n]'s maximum; a NaN counts as the maximum, as in torch.max.
-inline int64_t argmax_row(const float* x, int64_t n) {
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
   int64_t j = 0;
 #ifdef TANDEM_AVX512
-  // One pass for the maximum (NaNs noted apart: vmaxps drops them), one to find it.
-  __m512 max16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __mmask16 nan = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 v = _mm512_loadu_ps(x + j);
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    max16 = _mm512_max_ps(max16, v);
-  }
-  float best = _mm512_reduce_max_ps(max16);
-  bool has_nan = nan != 0;
-  for (int64_t i = j; i < n; ++i) {
-    has_nan |= std::isnan(x[i]);
-    best = std::max(best, x[i]);
-  }
-  if (has_nan) {
-    for (int64_t i = 0; i < n; ++i) {
-      if (std::isnan(x[i])) return i;
+  if constexpr (kVectors<T>) {
+    // One pass for the maximum (NaNs noted apart: vmaxps drops them), one to find it.
+    __m512 max16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __mmask16 nan = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m512 v = load16(x + j);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      max16 = _mm512_max_ps(max16, v);
     }
-  }
-  const __m512 target = _mm512_set1_ps(best);
-  for (j = 0; j + 16 <= n; j += 16) {
-    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), target, _CMP_EQ_OQ);
-    if (hit != 0) return j + __builtin_ctz(hit);
+    float best = _mm512_reduce_max_ps(max16);
+    bool has_nan = nan != 0;
+    for (int64_t i = j; i < n; ++i) {
+      const float v = static_cast<float>(x[i]);
+      has_nan |= std::isnan(v);
+      best = std::max(best, v);
+    }
+    if (has_nan) {
+      for (int64_t i = 0; i < n; ++i) {
+        if (std::isnan(static_cast<float>(x[i]))) return i;
+      }
+    }
+    const __m512 target = _mm512_set1_ps(best);
+    for (j = 0; j + 16 <= n; j += 16) {
+      const __mmask16 hit = _mm512_cmp_ps_mask(load16(x + j), target, _CMP_EQ_OQ);
+      if (hit != 0) return j + __builtin_ctz(hit);
+    }
   }
 #endif
   int64_t at = j;
+  float best = static_cast<float>(x[j]);
   for (int64_t i = j; i < n; ++i) {
-    if (std::isnan(x[i])) return i;
-    if (x[i] > x[at]) at = i;
+    const float v = static_cast<float>(x[i]);
+    if (std::isnan(v)) return i;
+    if (v > best) best = v, at = i;
   }
   return at;
 }
 
-at::Tensor row_argmax(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-                  x.size(1) > 0,
-              "row_argmax: x must be a contiguous float32 [N, V] with V > 0, got ",
-              x.scalar_type(), " ", x.sizes());
+template <typename T>
+void row_argmax_impl(const at::Tensor& x, at::Tensor& out) {
   const int64_t rows = x.size(0), width = x.size(1);
-  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
-  const float* data = x.data_ptr<float>();
+  const T* data = x.data_ptr<T>();
   int64_t* index = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, row_grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) index[r] = argmax_row(data + r * width, width);
   });
+}
+
+at::Tensor row_argmax(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && supported(x) && x.is_contiguous() && x.size(1) > 0,
+              "row_argmax: x must be a contiguous float32 or bfloat16 [N, V] with V > 0, got ",
+              x.scalar_type(), " ", x.sizes());
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  if (x.scalar_type() == at::kFloat) {
+    row_argmax_impl<float>(x, out);
+  } else {
+    row_argmax_impl<at::BFloat16>(x, out);
+  }
   return out;
 }
 

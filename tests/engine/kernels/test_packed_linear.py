@@ -119,22 +119,6 @@ def test_a_bfloat16_layer_for_amx_tiles_gives_f_linear_at_every_row_count(num_ro
     assert layer.weight is not None and layer.weight.data_ptr() == linear.weight.data_ptr()
 
 
-@pytest.mark.parametrize("num_rows", [3, 40, TILE_MATRIX_ROWS + 5])
-def test_float32_outputs_of_a_bfloat16_layer_are_the_unrounded_sums(num_rows):
-    # The logits' path: the kernel's float32 sums as they are (no bfloat16 rounding), and
-    # from matrix_rows F.linear's result widened.
-    linear = nn.Linear(576, 300, bias=False).to(torch.bfloat16)
-    layer = PackedLinear(linear, matrix_unit=True)
-    x = torch.randn(num_rows, 576, generator=torch.Generator().manual_seed(num_rows))
-    x = x.to(torch.bfloat16)
-    with torch.inference_mode():
-        y = layer.forward_float32(x)
-    assert y.dtype == torch.float32 and y.shape == (num_rows, 300)
-    expected = F.linear(x.float(), linear.weight.float())
-    tol = 1e-4 if num_rows < layer.matrix_rows else 0.125  # F.linear rounds to bfloat16
-    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
-
-
 def test_pack_linears_keeps_the_plain_weight_only_for_bfloat16_on_amx(monkeypatch):
     model = _TwoLayers().eval()
     monkeypatch.setattr(cpu_kernels, "cpu_has", lambda flag: flag == "amx_bf16")
