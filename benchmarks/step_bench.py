@@ -21,12 +21,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_common import load_average, machine_info, warn_if_busy, write_json
+from benchmarks.bench_common import (
+    RESULTS_DIR,
+    load_average,
+    machine_info,
+    warn_if_busy,
+    write_json,
+)
 from benchmarks.export_model import DEFAULT_OUT, ensure_exported
 from benchmarks.serving.systems import find_vllm_venv, vllm_env
 
 WORKER = Path(__file__).resolve().parent / "step_worker.py"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_case(text: str) -> tuple[int, int]:
@@ -91,9 +96,8 @@ def main() -> None:
             order = ["tandem", "vllm"] if round_index % 2 == 0 else ["vllm", "tandem"]
             for system in order:
                 loads.append(load_average())
-                runs[system].append(
-                    run_worker(system, (batch, prompt_len), args, model_dir, venv)["median_ms"]
-                )
+                result = run_worker(system, (batch, prompt_len), args, model_dir, venv)
+                runs[system].append(round(result["median_s"] * 1e3, 2))
         ratios = [t / v for t, v in zip(runs["tandem"], runs["vllm"], strict=True)]
         rows.append({
             "batch": batch, "prompt_len": prompt_len, "tandem_median_ms": runs["tandem"],

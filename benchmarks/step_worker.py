@@ -2,10 +2,11 @@
 
 `--system tandem` runs tandem's `LLMEngine` (in tandem's venv); `--system vllm` runs
 vLLM's engine in its own venv and imports nothing from tandem. Both get the same
-token-id prompts: `--batch` running requests of 150-350 tokens, greedy, decoding
-without end; then `--steps` steps are timed. With `--prompt-len`, every fourth step
-also carries a new prompt of that many tokens (one output token), and only those
-steps are timed. Prints one JSON object: the step times in milliseconds.
+token-id prompts: `--batch` running requests of 150-350 tokens, greedy, each allowed
+1,000 tokens (more than the timed steps reach); then `--steps` steps are timed. With
+`--prompt-len`, every fourth step also carries a new prompt of that many tokens (one
+output token), and only those steps are timed. Prints one JSON object:
+`bench_common.summarize` of the step times.
 
     python benchmarks/step_worker.py --system tandem|vllm --model DIR \
         [--batch 96] [--prompt-len 0] [--steps 40] [--budget 8192]
@@ -17,12 +18,13 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench_common import summarize  # stdlib only: importable in vLLM's venv too
 
 PROMPT_EVERY = 4
 WARMUP_STEPS = 3
@@ -99,7 +101,7 @@ def measure(
     prompt_len: int,
     steps: int,
 ) -> list[float]:
-    """Milliseconds of the timed steps (every step, or only those carrying a prompt)."""
+    """Seconds of the timed steps (every step, or only those carrying a prompt)."""
     rng = random.Random(0)
     for _ in range(batch):
         add(_random_prompt(rng, rng.randrange(150, 350)), 1_000)
@@ -112,18 +114,10 @@ def measure(
             add(_random_prompt(rng, prompt_len), 1)
         started = time.perf_counter()
         step()
-        elapsed_ms = (time.perf_counter() - started) * 1e3
+        elapsed = time.perf_counter() - started
         if prompt_len == 0 or with_prompt:
-            times.append(elapsed_ms)
+            times.append(elapsed)
     return times
-
-
-def summary(times: Sequence[float]) -> dict[str, Any]:
-    return {
-        "median_ms": round(statistics.median(times), 2),
-        "best_ms": round(min(times), 2),
-        "samples_ms": [round(t, 2) for t in times],
-    }
 
 
 def main() -> None:
@@ -133,7 +127,7 @@ def main() -> None:
     else:
         add, step = _vllm(args)
     times = measure(add, step, args.batch, args.prompt_len, args.steps)
-    print(json.dumps({"system": args.system, **summary(times)}), flush=True)
+    print(json.dumps({"system": args.system, **summarize(times)}), flush=True)
 
 
 if __name__ == "__main__":
